@@ -1,0 +1,41 @@
+"""L-inf attacks on [0, 1] images. The caller owns the model's train/eval mode."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float, step_size: float, steps: int,
+        random_start: bool = True, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Projected gradient ascent on cross-entropy (Madry et al.).
+
+    x: float (N, C, H, W) in [0, 1]; returns x_adv with |x_adv - x|_inf <= eps and
+    0 <= x_adv <= 1, detached. The perturbation is kept in float32 whatever the model's
+    autocast precision, so small steps are not rounded away.
+    """
+    x = x.detach().float()
+    if eps <= 0 or steps <= 0:
+        return x
+    if random_start:
+        delta = torch.empty_like(x).uniform_(-eps, eps, generator=generator)
+        delta = (x + delta).clamp(0, 1) - x
+    else:
+        delta = torch.zeros_like(x)
+    for _ in range(steps):
+        delta.requires_grad_(True)
+        # Sum, not mean: the step direction is the sign and must not depend on batch size.
+        loss = F.cross_entropy(model(x + delta), y, reduction="sum")
+        (grad,) = torch.autograd.grad(loss, delta)
+        with torch.no_grad():
+            delta = (delta + step_size * grad.sign()).clamp(-eps, eps)
+            delta = (x + delta).clamp(0, 1) - x
+    return (x + delta).detach()
+
+
+def ifgsm(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float, step_size: float,
+          steps: int) -> torch.Tensor:
+    """Iterative FGSM (Kurakin et al.): PGD without the random start."""
+    return pgd(model, x, y, eps=eps, step_size=step_size, steps=steps, random_start=False)
+

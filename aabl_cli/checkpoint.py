@@ -1,0 +1,161 @@
+"""Checkpoints: safetensors only (never pickle), with metadata that describes the model.
+
+A model file holds the state dict and string metadata (`aabl_format, arch, num_classes,
+image_size, channels, mean, std, classes, stage, adv_eps, epochs, seed,
+dataset_fingerprint, aabl_version`), JSON-encoded where not a plain string. Loading
+checks it and refuses a mismatch with a message. Resume state (optimizer, epoch, RNG)
+is a second safetensors file beside the model.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import uuid
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from aabl_cli import __version__
+from aabl_cli.errors import AablError
+from aabl_cli.models import ARCHS, Classifier, build_model
+
+FORMAT = "aabl-1"
+REQUIRED = ("aabl_format", "arch", "num_classes", "image_size", "classes")
+
+
+def save_model(path: Path, model: Classifier, *, arch: str, classes: list[str], image_size: tuple[int, int],
+               stage: str, adv_eps: float, epochs: int, seed: int, dataset_fingerprint: str) -> None:
+    """Write `model` and its description to `path` (through a temporary file and a rename)."""
+    meta = {
+        "aabl_format": FORMAT,
+        "arch": arch,
+        "num_classes": str(len(classes)),
+        "image_size": json.dumps(list(image_size)),
+        "channels": "3",
+        "mean": json.dumps(model.normalize.mean.flatten().tolist()),
+        "std": json.dumps(model.normalize.std.flatten().tolist()),
+        "classes": json.dumps(classes),
+        "stage": stage,
+        "adv_eps": repr(float(adv_eps)),
+        "epochs": str(epochs),
+        "seed": str(seed),
+        "dataset_fingerprint": dataset_fingerprint,
+        "aabl_version": __version__,
+    }
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    _save(path, state, meta)
+
+
+def _save(path: Path, tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> None:
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
+    try:
+        save_file(tensors, str(tmp), metadata=meta)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def read_metadata(path: Path) -> dict[str, str]:
+    """The metadata of a checkpoint, after checking it is a safetensors file written by aabl."""
+    path = Path(path)
+    if not path.is_file():
+        raise AablError(f"checkpoint {path} does not exist; pass the model.safetensors that scan or train wrote")
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            meta = fh.metadata() or {}
+    except (SafetensorError, OSError, ValueError) as err:
+        raise AablError(f"{path} is not a safetensors file (aabl never reads pickle checkpoints); "
+                        "pass a model.safetensors written by aabl") from err
+    missing = [k for k in REQUIRED if k not in meta]
+    if meta.get("aabl_format") != FORMAT or missing:
+        raise AablError(f"{path} is not an aabl checkpoint (metadata {missing or 'aabl_format'} missing or "
+                        "wrong); pass a model.safetensors written by aabl scan or train")
+    return meta
+
+
+def load_model(path: Path, *, device: torch.device | str = "cpu", arch: str | None = None,
+               classes: list[str] | None = None) -> tuple[Classifier, dict[str, Any]]:
+    """Rebuild the model in `path`. With `arch` / `classes`, refuse a checkpoint for others.
+
+    Returns the model in eval mode and the decoded metadata.
+    """
+    raw = read_metadata(path)
+    try:
+        meta: dict[str, Any] = dict(raw)
+        meta["num_classes"] = int(raw["num_classes"])
+        meta["image_size"] = [int(v) for v in json.loads(raw["image_size"])]
+        meta["classes"] = [str(c) for c in json.loads(raw["classes"])]
+        meta["mean"] = [float(v) for v in json.loads(raw.get("mean", "[0.5, 0.5, 0.5]"))]
+        meta["std"] = [float(v) for v in json.loads(raw.get("std", "[0.5, 0.5, 0.5]"))]
+        meta["adv_eps"] = float(raw.get("adv_eps", "0"))
+        if len(meta["classes"]) != meta["num_classes"] or len(meta["image_size"]) != 2:
+            raise ValueError("inconsistent class count or image size")
+    except (ValueError, TypeError, json.JSONDecodeError) as err:
+        raise AablError(f"{path}: checkpoint metadata is malformed ({err}); re-create it with aabl") from err
+    if meta["arch"] not in ARCHS:
+        raise AablError(f"{path}: unknown architecture {meta['arch']!r} in the checkpoint; "
+                        f"known: {', '.join(ARCHS)}")
+    if arch is not None and arch != meta["arch"]:
+        raise AablError(f"{path} holds a {meta['arch']} model but --arch is {arch}; "
+                        f"pass --arch {meta['arch']} or another checkpoint")
+    if classes is not None and classes != meta["classes"]:
+        raise AablError(f"{path} was trained on classes {meta['classes']} but the data has {classes}; "
+                        "use a checkpoint trained on this dataset's classes")
+    model = build_model(meta["arch"], num_classes=meta["num_classes"], image_size=meta["image_size"],
+                        mean=meta["mean"], std=meta["std"])
+    try:
+        state = load_file(str(path))
+        _check_tensors(model, state)
+        model.load_state_dict(state, strict=True)
+    except (SafetensorError, RuntimeError, ValueError) as err:
+        raise AablError(f"{path}: the tensors do not match a {meta['arch']} model with {meta['num_classes']} "
+                        f"classes ({str(err).splitlines()[0]}); the file is damaged or was edited") from err
+    return model.to(device).eval(), meta
+
+
+def _check_tensors(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    expected = model.state_dict()
+    if set(state) != set(expected):
+        extra, missing = sorted(set(state) - set(expected)), sorted(set(expected) - set(state))
+        raise ValueError(f"unexpected {extra[:3]} / missing {missing[:3]}")
+    for key, tensor in state.items():
+        if tensor.shape != expected[key].shape or tensor.dtype != expected[key].dtype:
+            raise ValueError(f"{key} has shape {tuple(tensor.shape)} {tensor.dtype}, "
+                             f"expected {tuple(expected[key].shape)} {expected[key].dtype}")
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            raise ValueError(f"{key} holds non-finite values")
+
+
+def save_state(path: Path, *, optimizer: torch.optim.Optimizer, epoch: int, rng: torch.Tensor,
+               generator: torch.Tensor, meta: dict[str, str]) -> None:
+    """Resume state: optimizer tensors, the last finished epoch and both RNG states."""
+    tensors: dict[str, torch.Tensor] = {"rng": rng.clone(), "generator": generator.clone()}
+    opt = optimizer.state_dict()
+    for index, slots in opt["state"].items():
+        for name, value in slots.items():
+            tensors[f"opt.{index}.{name}"] = torch.as_tensor(value).detach().cpu().contiguous()
+    info = {"epoch": str(epoch), "param_groups": json.dumps(opt["param_groups"]), **meta}
+    _save(path, tensors, info)
+
+
+def load_state(path: Path, optimizer: torch.optim.Optimizer) -> tuple[int, torch.Tensor, torch.Tensor, dict[str, str]]:
+    """Restore the optimizer from `path`; returns (epochs done, torch RNG state, generator state, metadata)."""
+    try:
+        tensors = load_file(str(path))
+        with safe_open(str(path), framework="pt") as fh:
+            meta = fh.metadata() or {}
+        state: dict[int, dict[str, torch.Tensor]] = {}
+        for key, value in tensors.items():
+            if key.startswith("opt."):
+                _, index, name = key.split(".", 2)
+                state.setdefault(int(index), {})[name] = value
+        optimizer.load_state_dict({"state": state, "param_groups": json.loads(meta["param_groups"])})
+        return int(meta["epoch"]), tensors["rng"], tensors["generator"], meta
+    except (SafetensorError, OSError, KeyError, ValueError, json.JSONDecodeError) as err:
+        raise AablError(f"{path}: the resume state is damaged ({err}); delete it and start without --resume") from err

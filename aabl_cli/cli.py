@@ -1,0 +1,289 @@
+"""The `aabl` command line: parses options and calls the stage functions, nothing more."""
+
+from __future__ import annotations
+
+import json
+import sys
+import traceback
+import warnings
+from collections.abc import Callable
+from fractions import Fraction
+from pathlib import Path
+from typing import Any
+
+import click
+
+from aabl_cli import __version__
+from aabl_cli.errors import AablError, GateFailed
+
+ARCH_CHOICES = ("cnn", "resnet18", "resnet34", "vgg16", "mobilenetv2", "densenet121")
+
+
+class Budget(click.ParamType):
+    """A budget in [0, 1] pixel units: `8/255`, `0.0314` or `0` (fractions, never eval)."""
+
+    name = "BUDGET"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> float:
+        if isinstance(value, float):
+            return value
+        text = str(value).strip()
+        try:
+            number = Fraction(text)
+        except (ValueError, ZeroDivisionError):
+            self.fail(f"{text!r} is not a number or fraction; write it like 8/255 or 0.0314", param, ctx)
+        if number < 0:
+            self.fail(f"{text} is negative; a budget is at least 0 (e.g. 8/255)", param, ctx)
+        if number > 1:
+            self.fail(f"{text} is above 1 (budgets are in [0, 1] pixel units): did you mean {text}/255?", param, ctx)
+        return float(number)
+
+
+class ShareType(click.ParamType):
+    """A share of the data set in [0, 1]: `0.1`, `1/10` or `10%`."""
+
+    name = "FRACTION"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> float:
+        if isinstance(value, float):
+            return value
+        text = str(value).strip()
+        try:
+            number = Fraction(text[:-1]) / 100 if text.endswith("%") else Fraction(text)
+        except (ValueError, ZeroDivisionError):
+            self.fail(f"{text!r} is not a fraction; write it like 0.1, 1/10 or 10%", param, ctx)
+        if not 0 <= number <= 1:
+            self.fail(f"{text} is outside [0, 1]; write a share such as 0.1 or 10%", param, ctx)
+        return float(number)
+
+
+BUDGET = Budget()
+SHARE = ShareType()
+
+
+class AablGroup(click.Group):
+    """Turns the tool's errors into one line on stderr and an exit code, never a traceback."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except AablError as err:
+            self._fail(ctx, f"error: {err}", err.exit_code)
+        except GateFailed as err:
+            self._fail(ctx, f"gate failed: {err}", GateFailed.exit_code)
+        except KeyboardInterrupt:
+            self._fail(ctx, "interrupted: outputs were left as they were before this command", 130)
+        except (click.exceptions.Exit, click.ClickException, click.exceptions.Abort):
+            raise
+        except Exception as err:  # noqa: BLE001 - the last line of defence for a CLI
+            if ctx.obj and ctx.obj.get("debug"):
+                raise
+            self._fail(ctx, f"error: {type(err).__name__}: {err} (run with --debug for the traceback)", 1)
+
+    @staticmethod
+    def _fail(ctx: click.Context, message: str, code: int) -> None:
+        if ctx.obj and ctx.obj.get("debug"):
+            traceback.print_exc()
+        click.echo(message, err=True)
+        ctx.exit(code)
+
+
+def _show_warning(message: Warning | str, category: type[Warning], *args: Any, **kwargs: Any) -> None:
+    click.echo(f"warning: {message}", err=True)
+
+
+@click.group(cls=AablGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(__version__, prog_name="aabl")
+@click.option("--debug", is_flag=True, help="Show the full traceback when something fails.")
+@click.pass_context
+def cli(ctx: click.Context, debug: bool) -> None:
+    """Clean a poisoned image-classification training set and train a robust model on it.
+
+    A-ABL (Zhao & Wressnegger, AISec 2024) in three stages that share one work directory:
+
+    \b
+      aabl scan ./data              naive model + iFGSM robustness score per image
+      aabl split                    Otsu cut: robust (suspicious) images isolated
+      aabl train --eps 8/255        PGD adversarial training on the kept images
+
+    Data is an image folder: ROOT/<class>/<image>. Budgets are in [0, 1] pixel units and
+    accept fractions (8/255). Exit codes: 0 ok, 1 runtime failure, 2 bad input, 3 a
+    `split` CI gate tripped.
+    """
+    ctx.ensure_object(dict)
+    ctx.obj["debug"] = debug
+    warnings.showwarning = _show_warning
+
+
+def common_options(func: Callable[..., Any]) -> Callable[..., Any]:
+    """Options every stage shares."""
+    options = [
+        click.option("--workdir", type=click.Path(file_okay=False, path_type=Path), default=Path("aabl-out"),
+                     show_default=True, help="Work directory shared by scan, split and train."),
+        click.option("--device", default="auto", show_default=True,
+                     help="auto picks CUDA, then MPS, then the CPU; or cpu, cuda, cuda:N, mps."),
+        click.option("--seed", type=int, default=0, show_default=True,
+                     help="Seeds everything; a CPU run repeats bit for bit."),
+        click.option("--cache-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+                     help="Where decoded datasets are cached.  [default: $XDG_CACHE_HOME/aabl]"),
+        click.option("--on-bad-file", type=click.Choice(["error", "skip"]), default="error", show_default=True,
+                     help="error stops at an unreadable image; skip leaves it out and lists it in the summary."),
+        click.option("--quiet", is_flag=True, help="No progress bars or log lines."),
+        click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON on stdout."),
+    ]
+    for option in reversed(options):
+        func = option(func)
+    return func
+
+
+def training_options(default_arch: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    def wrap(func: Callable[..., Any]) -> Callable[..., Any]:
+        options = [
+            click.option("--arch", type=click.Choice(ARCH_CHOICES), default=default_arch, show_default=True,
+                         help="Network; cnn is a small residual CNN that is quick on a CPU."),
+            click.option("--batch-size", type=click.IntRange(2), default=128, show_default=True,
+                         help="Training batch size (images)."),
+            click.option("--image-size", type=click.IntRange(16, 1024), default=None,
+                         help="Resize images to N x N px.  [default: the most common size in the folder]"),
+            click.option("--resume", is_flag=True,
+                         help="Continue an interrupted run of this stage from its last finished epoch."),
+        ]
+        for option in reversed(options):
+            func = option(func)
+        return func
+    return wrap
+
+
+def _emit(summary: dict[str, Any], as_json: bool, text: str) -> None:
+    if as_json:
+        click.echo(json.dumps(summary, indent=2, default=str))
+    else:
+        click.echo(text)
+
+
+@cli.command()
+@click.argument("data", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@training_options("resnet18")
+@click.option("--epochs", type=click.IntRange(0), default=20, show_default=True,
+              help="Naive training epochs (Adam, no weight decay, crop+flip).")
+@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=1e-3, show_default=True,
+              help="Adam learning rate.")
+@click.option("--eps", type=BUDGET, default="2/255", show_default=True,
+              help="iFGSM scoring budget in [0, 1] pixel units. The paper uses 2/255 for 32-px CIFAR-10 and "
+                   "GTSRB and 1/255 for 64-px Tiny-ImageNet.")
+@click.option("--step-size", type=BUDGET, default="2/255", show_default=True, help="iFGSM step size.")
+@click.option("--steps", type=click.IntRange(1), default=5, show_default=True, help="iFGSM steps.")
+@click.option("--alpha", type=click.FloatRange(min=0), default=0.1, show_default=True,
+              help="SCE weight of cross-entropy.")
+@click.option("--beta", type=click.FloatRange(min=0), default=1.0, show_default=True,
+              help="SCE weight of reverse cross-entropy.")
+@click.option("--model", "model_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Score with this checkpoint (model.safetensors) instead of training a naive model.")
+@common_options
+def scan(data: Path, model_path: Path | None, as_json: bool, **options: Any) -> None:
+    """Train a naive model on DATA and score every image by its robustness to iFGSM.
+
+    Writes WORKDIR/scan/: scores.csv (one row per image, in dataset order; lower score =
+    more robust = more suspicious), model.safetensors, scan.json and scores.png.
+    """
+    from aabl_cli.scan import scan as run_scan
+
+    summary = run_scan(data, model=model_path, **options)
+    text = (f"scanned {summary['samples']} images in {summary['seconds']['total']:.0f} s: clean accuracy "
+            f"{summary['clean_acc']:.1%}, under iFGSM {summary['adv_acc']:.1%}\n"
+            f"wrote {options['workdir'] / 'scan'}/ (scores.csv, model.safetensors, scan.json, scores.png)")
+    _emit(summary, as_json, text)
+
+
+@cli.command()
+@click.argument("scores", required=False, type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--workdir", type=click.Path(file_okay=False, path_type=Path), default=Path("aabl-out"),
+              show_default=True, help="Work directory; SCORES defaults to WORKDIR/scan/scores.csv.")
+@click.option("--method", type=click.Choice(["otsu", "quantile", "fixed"]), default="otsu", show_default=True,
+              help="otsu: Otsu's threshold; quantile: isolate the --fraction lowest scores; "
+                   "fixed: isolate scores below --threshold.")
+@click.option("--fraction", type=SHARE, default=None, help="With --method quantile: the share to isolate.")
+@click.option("--threshold", type=float, default=None, help="With --method fixed: isolate scores below this.")
+@click.option("--min-isolated", type=SHARE, default="0.10", show_default=True,
+              help="Otsu only: isolate at least this share (the paper's Table 1 implies 10 %; 0 = pure Otsu).")
+@click.option("--link", type=click.Choice(["copy", "hardlink", "symlink", "none"]), default="copy",
+              show_default=True, help="How kept/ and isolated/ get their files; a hardlink shares the source's "
+                                      "bytes, so editing kept/ would edit the source; none writes only split.csv.")
+@click.option("--fail-over", type=SHARE, default=None,
+              help="CI gate: exit 3 (after writing everything) when more than this share is isolated.")
+@click.option("--fail-on-suspect", is_flag=True,
+              help="CI gate: exit 3 (after writing everything) when the verdict is 'backdoor suspected'.")
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON on stdout.")
+@click.option("--quiet", is_flag=True, help="Print nothing but --json output and errors.")
+def split(as_json: bool, quiet: bool, **options: Any) -> None:
+    """Split the scanned images into kept/ and isolated/ (suspected poison).
+
+    Reads SCORES (scores.csv with its scan.json) and the dataset folder it names; writes
+    WORKDIR/split/: kept/ and isolated/ image folders, split.csv and split.json.
+    """
+    from aabl_cli.split import describe
+    from aabl_cli.split import split as run_split
+
+    summary = run_split(**options)
+    if not quiet or as_json:
+        _emit(summary, as_json, describe(summary) + f"\nwrote {options['workdir'] / 'split'}/")
+    if summary["gates"]:
+        raise GateFailed("; ".join(summary["gates"]))
+
+
+@cli.command()
+@click.argument("data", required=False, type=click.Path(exists=True, file_okay=False, path_type=Path))
+@training_options("resnet18")
+@click.option("--epochs", type=click.IntRange(1), default=100, show_default=True, help="Training epochs.")
+@click.option("--eps", type=BUDGET, default="8/255", show_default=True,
+              help="PGD training budget in [0, 1] pixel units; 0 trains plainly (no attack).")
+@click.option("--step-size", type=BUDGET, default="2/255", show_default=True, help="PGD step size.")
+@click.option("--steps", type=click.IntRange(1), default=10, show_default=True, help="PGD steps per batch.")
+@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=0.1, show_default=True,
+              help="SGD learning rate for --batch-size 128; scale it with the batch size.")
+@click.option("--momentum", type=click.FloatRange(0, 1), default=0.9, show_default=True, help="SGD momentum.")
+@click.option("--weight-decay", type=click.FloatRange(min=0), default=5e-4, show_default=True,
+              help="SGD weight decay.")
+@click.option("--milestones", default=None,
+              help="Epochs at which the learning rate drops x0.1, comma-separated.  [default: 50 %, 75 % and "
+                   "90 % of --epochs]")
+@click.option("--val", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
+              help="Image folder evaluated after each epoch (clean and PGD accuracy on a seeded, class-balanced "
+                   "subset of up to 1,000 images).")
+@common_options
+def train(data: Path | None, milestones: str | None, as_json: bool, **options: Any) -> None:
+    """PGD adversarial training from scratch on DATA (default: WORKDIR/split/kept).
+
+    Writes WORKDIR/train/: model.safetensors, train.json and history.csv.
+    """
+    from aabl_cli.train import train as run_train
+
+    summary = run_train(data, milestones=_parse_milestones(milestones, options["epochs"]), **options)
+    final = summary["final"]
+    extra = "".join(f", {k} {final[k]:.1%}" for k in ("val_acc", "val_ra") if k in final)
+    text = (f"trained {summary['settings']['epochs']} epochs on {summary['samples']} images in "
+            f"{summary['seconds']:.0f} s: train accuracy {final.get('train_acc', float('nan')):.1%}{extra}\n"
+            f"wrote {options['workdir'] / 'train'}/ (model.safetensors, train.json, history.csv)")
+    _emit(summary, as_json, text)
+
+
+def _parse_milestones(text: str | None, epochs: int) -> list[int] | None:
+    if text is None:
+        return None
+    try:
+        values = sorted(int(v) for v in text.split(",") if v.strip())
+    except ValueError as err:
+        raise click.BadParameter(f"{text!r}: give epochs as integers, e.g. 50,75,90",
+                                 param_hint="--milestones") from err
+    if any(not 0 < v <= epochs for v in values):
+        raise click.BadParameter(f"{text!r}: every milestone must lie in 1..{epochs}", param_hint="--milestones")
+    return values
+
+
+def main() -> None:
+    """Console entry point."""
+    cli(prog_name="aabl")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,81 @@
+"""Batched evaluation: clean accuracy (ACC), robust accuracy under PGD (RA), attack success (ASR)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from aabl_cli.attacks import pgd
+from aabl_cli.device import autocast
+
+
+@dataclass(frozen=True)
+class Threat:
+    """An L-inf PGD threat model in [0, 1] pixel space; eps 0 means no attack."""
+
+    eps: float = 8 / 255
+    step_size: float = 2 / 255
+    steps: int = 10
+    random_start: bool = True
+
+
+PAPER_RA = Threat()  # RA in the paper: PGD-10, eps 8/255, step 2/255, random start
+
+
+def to_float(batch: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """uint8 (N, C, H, W) -> float32 in [0, 1] on `device` (converted per batch, never the whole set)."""
+    x = batch.to(device, non_blocking=True).float().div_(255.0)
+    return x.contiguous(memory_format=torch.channels_last) if device.type == "cuda" else x
+
+
+def predict(model: nn.Module, images: torch.Tensor, *, device: torch.device, batch_size: int = 256,
+            threat: Threat | None = None, generator: torch.Generator | None = None,
+            labels: torch.Tensor | None = None) -> torch.Tensor:
+    """Predicted labels (N,) for uint8 `images`, in order; under PGD against `labels` when
+    `threat` is given. The model is put in eval mode."""
+    model.eval()
+    out = []
+    for start in range(0, images.shape[0], batch_size):
+        x = to_float(images[start:start + batch_size], device)
+        if threat is not None and threat.eps > 0:
+            assert labels is not None, "a robust prediction needs the labels to attack"
+            y = labels[start:start + batch_size].to(device)
+            with autocast(device):
+                x = pgd(model, x, y, eps=threat.eps, step_size=threat.step_size, steps=threat.steps,
+                        random_start=threat.random_start, generator=generator)
+        with torch.no_grad(), autocast(device):
+            out.append(model(x).argmax(dim=1).cpu())
+    return torch.cat(out) if out else torch.empty(0, dtype=torch.int64)
+
+
+def accuracy(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, *, device: torch.device,
+             batch_size: int = 256, threat: Threat | None = None, generator: torch.Generator | None = None) -> float:
+    """Share of `images` classified as `labels` (under `threat` when given), in [0, 1]."""
+    if images.shape[0] == 0:
+        return float("nan")
+    pred = predict(model, images, device=device, batch_size=batch_size, threat=threat, generator=generator,
+                   labels=labels)
+    return float((pred == labels.cpu()).double().mean())
+
+
+def attack_success_rate(model: nn.Module, images: torch.Tensor, *, target: int, device: torch.device,
+                        batch_size: int = 256) -> float:
+    """Share of triggered `images` (none of them truly of class `target`) classified as `target`."""
+    if images.shape[0] == 0:
+        return float("nan")
+    pred = predict(model, images, device=device, batch_size=batch_size)
+    return float((pred == target).double().mean())
+
+
+def balanced_subset(labels: torch.Tensor, *, size: int, seed: int) -> torch.Tensor:
+    """Indices of a seeded, class-balanced subset of at most `size` samples, sorted."""
+    gen = torch.Generator().manual_seed(seed)
+    classes = labels.unique()
+    per_class = max(1, size // max(1, len(classes)))
+    chosen = []
+    for c in classes:
+        idx = (labels == c).nonzero().flatten()
+        chosen.append(idx[torch.randperm(len(idx), generator=gen)[:per_class]])
+    return torch.cat(chosen).sort().values[:size] if chosen else torch.empty(0, dtype=torch.int64)

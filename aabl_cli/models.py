@@ -1,0 +1,150 @@
+"""Model registry: `--arch` name -> a network that takes [0, 1] pixels.
+
+Normalization (the training set's per-channel mean and std) is the model's first layer,
+so attacks and their budgets live in plain pixel space. Up to 64 px the torchvision
+networks get the CIFAR-style stem the paper uses (3x3 convolution, stride 1, no
+max-pool); above that they keep the ImageNet stem.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+import torchvision
+from torch import nn
+
+SMALL_INPUT = 64  # px: at or below this, use the CIFAR-style stem
+
+
+class Normalize(nn.Module):
+    """(x - mean) / std per channel; stored in the state dict so checkpoints carry it."""
+
+    def __init__(self, mean: Sequence[float], std: Sequence[float]) -> None:
+        super().__init__()
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1))
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.mean) / self.std
+
+
+class Classifier(nn.Module):
+    """Normalization followed by a network; input (N, 3, H, W) in [0, 1], output logits."""
+
+    def __init__(self, net: nn.Module, mean: Sequence[float], std: Sequence[float]) -> None:
+        super().__init__()
+        self.normalize = Normalize(mean, std)
+        self.net = net
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(self.normalize(x))
+
+
+class _ResidualBlock(nn.Module):
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(channels, channels, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(channels)
+        self.conv2 = nn.Conv2d(channels, channels, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(channels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = torch.relu(self.bn1(self.conv1(x)))
+        return torch.relu(x + self.bn2(self.conv2(out)))
+
+
+def _conv_bn(cin: int, cout: int, stride: int = 1) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(cin, cout, 3, stride=stride, padding=1, bias=False),
+                         nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
+
+
+class SmallCNN(nn.Module):
+    """A small residual CNN for CPUs, tests and the demo.
+
+    Batch norm and residual connections matter here: a plain max-pool CNN stays at chance
+    under PGD adversarial training at CPU scale, this one learns. Downsampling is strided
+    convolution, so any input from 16 px up works; global pooling makes it size-agnostic.
+    """
+
+    def __init__(self, num_classes: int, width: int = 32) -> None:
+        super().__init__()
+        w = width
+        self.features = nn.Sequential(
+            _conv_bn(3, w),
+            _conv_bn(w, 2 * w, stride=2), _ResidualBlock(2 * w),
+            _conv_bn(2 * w, 4 * w, stride=2), _ResidualBlock(4 * w),
+            _conv_bn(4 * w, 8 * w, stride=2),
+        )
+        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8 * w, num_classes))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x))
+
+
+def _resnet(builder: Callable[..., nn.Module]) -> Callable[[int, int], nn.Module]:
+    def make(num_classes: int, image_size: int) -> nn.Module:
+        net = builder(weights=None, num_classes=num_classes)
+        if image_size <= SMALL_INPUT:
+            net.conv1 = nn.Conv2d(3, 64, 3, stride=1, padding=1, bias=False)
+            net.maxpool = nn.Identity()
+        return net
+    return make
+
+
+def _vgg16(num_classes: int, image_size: int) -> nn.Module:
+    net = torchvision.models.vgg16_bn(weights=None, num_classes=num_classes)
+    if image_size <= SMALL_INPUT:
+        # The CIFAR VGG: conv features, global pooling, one linear layer.
+        net.avgpool = nn.AdaptiveAvgPool2d(1)
+        net.classifier = nn.Linear(512, num_classes)
+    return net
+
+
+def _mobilenetv2(num_classes: int, image_size: int) -> nn.Module:
+    net = torchvision.models.mobilenet_v2(weights=None, num_classes=num_classes)
+    if image_size <= SMALL_INPUT:
+        # Stride 1 in the stem and the second stage, as in the CIFAR MobileNetV2.
+        net.features[0][0].stride = (1, 1)
+        net.features[2].conv[1][0].stride = (1, 1)
+    return net
+
+
+def _densenet121(num_classes: int, image_size: int) -> nn.Module:
+    net = torchvision.models.densenet121(weights=None, num_classes=num_classes)
+    if image_size <= SMALL_INPUT:
+        net.features.conv0 = nn.Conv2d(3, 64, 3, stride=1, padding=1, bias=False)
+        net.features.pool0 = nn.Identity()
+    return net
+
+
+ARCHS: dict[str, Callable[[int, int], nn.Module]] = {
+    "cnn": lambda num_classes, image_size: SmallCNN(num_classes),
+    "resnet18": _resnet(torchvision.models.resnet18),
+    "resnet34": _resnet(torchvision.models.resnet34),
+    "vgg16": _vgg16,
+    "mobilenetv2": _mobilenetv2,
+    "densenet121": _densenet121,
+}
+
+
+def build_model(arch: str, *, num_classes: int, image_size: int | Sequence[int],
+                mean: Sequence[float] = (0.5, 0.5, 0.5), std: Sequence[float] = (0.5, 0.5, 0.5)) -> Classifier:
+    """A fresh, randomly initialised model for `arch` taking [0, 1] inputs of `image_size` px."""
+    side = image_size if isinstance(image_size, int) else max(image_size)
+    return Classifier(ARCHS[arch](num_classes, side), mean, std)
+
+
+def channel_stats(images: torch.Tensor, *, chunk: int = 1024) -> tuple[list[float], list[float]]:
+    """Per-channel mean and std in [0, 1] of a uint8 (N, 3, H, W) tensor, in chunks so that
+    no float copy of the whole set is made."""
+    total = torch.zeros(images.shape[1], dtype=torch.float64)
+    total_sq = torch.zeros_like(total)
+    for start in range(0, images.shape[0], chunk):
+        part = images[start:start + chunk].to(torch.float64) / 255.0
+        total += part.sum(dim=(0, 2, 3))
+        total_sq += part.square().sum(dim=(0, 2, 3))
+    count = images.shape[0] * images.shape[2] * images.shape[3]
+    mean = total / count
+    std = (total_sq / count - mean.square()).clamp_min(1e-6).sqrt()
+    return mean.tolist(), std.tolist()

@@ -1,0 +1,164 @@
+"""Stage 1: train a naive model, then score every sample by how well it resists iFGSM.
+
+Score = SCE of the adversarial example against the sample's given label. Lower score =
+more robust = more suspicious: a patch-trigger poison stays classified as its (target)
+label under a tiny perturbation, a clean sample flips.
+"""
+
+from __future__ import annotations
+
+import csv
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from aabl_cli import __version__
+from aabl_cli.attacks import ifgsm
+from aabl_cli.checkpoint import load_model, save_model
+from aabl_cli.data import ImageDataset, load_image_folder
+from aabl_cli.device import autocast, prepare_model, resolve_device, seed_everything
+from aabl_cli.errors import RuntimeFault
+from aabl_cli.evaluate import to_float
+from aabl_cli.fsutil import replace_dir, write_json
+from aabl_cli.losses import sce
+from aabl_cli.models import build_model, channel_stats
+from aabl_cli.plots import plot_scores
+from aabl_cli.progress import log, progress
+from aabl_cli.split import choose_isolated, read_ground_truth
+from aabl_cli.train import LoopSettings, fit, place_on_device, prepare_partial, write_history
+
+SCORE_FIELDS = ("index", "path", "label", "class", "score", "ce_adv", "loss_clean", "pred_clean", "pred_adv")
+
+
+def score_samples(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, *, device: torch.device,
+                  eps: float, step_size: float, steps: int, alpha: float = 0.1, beta: float = 1.0,
+                  batch_size: int = 256, quiet: bool = False) -> dict[str, np.ndarray]:
+    """Attack every sample with iFGSM (model in eval mode, no augmentation) and score it.
+
+    Returns arrays of length N in dataset order: `score` (SCE on the adversarial
+    example), `ce_adv`, `loss_clean` (SCE on the clean image), `pred_clean`, `pred_adv`.
+    """
+    model.eval()
+    out: dict[str, list[torch.Tensor]] = {k: [] for k in ("score", "ce_adv", "loss_clean", "pred_clean", "pred_adv")}
+    n = images.shape[0]
+    batches = range(0, n, batch_size)
+    for start in progress(batches, total=len(batches), desc="scoring", unit="batch", quiet=quiet):
+        x = to_float(images[start:start + batch_size], device)
+        y = labels[start:start + batch_size].to(device)
+        with autocast(device):
+            x_adv = ifgsm(model, x, y, eps=eps, step_size=step_size, steps=steps)
+            with torch.no_grad():
+                logits_clean = model(x).float()
+                logits_adv = model(x_adv).float()
+        out["score"].append(sce(logits_adv, y, alpha=alpha, beta=beta))
+        out["ce_adv"].append(F.cross_entropy(logits_adv, y, reduction="none"))
+        out["loss_clean"].append(sce(logits_clean, y, alpha=alpha, beta=beta))
+        out["pred_clean"].append(logits_clean.argmax(dim=1))
+        out["pred_adv"].append(logits_adv.argmax(dim=1))
+    return {k: torch.cat(v).cpu().numpy() if v else np.empty(0) for k, v in out.items()}
+
+
+def write_scores(path: Path, dataset: ImageDataset, scores: dict[str, np.ndarray]) -> None:
+    with open(path, "w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(SCORE_FIELDS)
+        labels = dataset.labels.tolist()
+        for i, rel in enumerate(dataset.paths):
+            writer.writerow([i, rel, labels[i], dataset.classes[labels[i]], f"{scores['score'][i]:.9g}",
+                             f"{scores['ce_adv'][i]:.9g}", f"{scores['loss_clean'][i]:.9g}",
+                             int(scores["pred_clean"][i]), int(scores["pred_adv"][i])])
+
+
+def scan(data: str | Path, *, workdir: str | Path = "aabl-out", arch: str = "resnet18", epochs: int = 20,
+         lr: float = 1e-3, batch_size: int = 128, eps: float = 2 / 255, step_size: float = 2 / 255,
+         steps: int = 5, alpha: float = 0.1, beta: float = 1.0, model: str | Path | None = None, seed: int = 0,
+         device: str = "auto", resume: bool = False, quiet: bool = False, cache_dir: str | Path | None = None,
+         on_bad_file: str = "error", image_size: int | None = None) -> dict[str, Any]:
+    """Naive training (Adam, no weight decay, crop+flip) then iFGSM scoring of every sample.
+
+    Writes `workdir/scan/` with `scores.csv`, `model.safetensors`, `scan.json` and
+    `scores.png`; with `model` (a checkpoint) the training is skipped. Returns the summary.
+    """
+    workdir = Path(workdir)
+    started = time.time()
+    dev = resolve_device(device)
+    dataset = load_image_folder(data, image_size=image_size, on_bad_file=on_bad_file, cache_dir=cache_dir,
+                                quiet=quiet)
+    log(f"scan: {len(dataset)} images, {len(dataset.classes)} classes, {dataset.image_size[0]}x"
+        f"{dataset.image_size[1]} px, on {dev}", quiet=quiet)
+    partial = workdir / ".scan.partial"
+    prepare_partial(partial, resume)
+    images, labels = place_on_device(dataset, dev)
+    seed_everything(seed)
+    settings: dict[str, Any] = {"data": str(dataset.root), "arch": arch, "epochs": epochs, "optimizer": "adam",
+                                "lr": lr, "weight_decay": 0.0, "batch_size": batch_size, "eps": eps,
+                                "step_size": step_size, "steps": steps, "random_start": False, "alpha": alpha,
+                                "beta": beta, "model": None if model is None else str(model), "seed": seed,
+                                "image_size": list(dataset.image_size)}
+    train_seconds = 0.0
+    if model is not None:
+        net, meta = load_model(Path(model), device=dev, classes=dataset.classes)
+        if list(meta["image_size"]) != list(dataset.image_size):
+            log(f"note: the checkpoint was trained at {meta['image_size']} px, the data is "
+                f"{list(dataset.image_size)} px", quiet=quiet)
+        settings["arch"] = meta["arch"]
+        settings["epochs"] = 0
+        net = prepare_model(net, dev)
+        history: list[dict[str, Any]] = []
+    else:
+        mean, std = channel_stats(dataset.images)
+        net = prepare_model(build_model(arch, num_classes=len(dataset.classes), image_size=dataset.image_size,
+                                        mean=mean, std=std), dev)
+        optimizer = torch.optim.Adam(net.parameters(), lr=lr, weight_decay=0.0)
+
+        def save(path: Path, done: int) -> None:
+            save_model(path, net, arch=arch, classes=dataset.classes, image_size=dataset.image_size, stage="scan",
+                       adv_eps=0.0, epochs=done, seed=seed, dataset_fingerprint=dataset.fingerprint)
+
+        t0 = time.time()
+        history = fit(net, images, labels, optimizer=optimizer,
+                      settings=LoopSettings(epochs=epochs, batch_size=batch_size, threat=None, milestones=[], lr=lr),
+                      device=dev, seed=seed, partial_dir=partial, resume=resume, save_checkpoint=save,
+                      resume_key={**settings, "fingerprint": dataset.fingerprint}, desc="scan: naive training",
+                      quiet=quiet)
+        train_seconds = time.time() - t0
+    if model is not None:
+        save_model(partial / "model.safetensors", net, arch=settings["arch"], classes=dataset.classes,
+                   image_size=dataset.image_size, stage="scan", adv_eps=0.0, epochs=0, seed=seed,
+                   dataset_fingerprint=dataset.fingerprint)
+    t0 = time.time()
+    scores = score_samples(net, images, labels, device=dev, eps=eps, step_size=step_size, steps=steps,
+                           alpha=alpha, beta=beta, batch_size=max(batch_size, 256), quiet=quiet)
+    score_seconds = time.time() - t0
+    if not np.isfinite(scores["score"]).all():
+        raise RuntimeFault(f"scoring {dataset.root} produced non-finite scores (the naive model diverged); "
+                           "try a lower --lr or another --seed")
+    write_scores(partial / "scores.csv", dataset, scores)
+    if history:
+        write_history(partial / "history.csv", history)
+    (partial / "state.safetensors").unlink(missing_ok=True)
+
+    truth = read_ground_truth(dataset.root, dataset.paths)
+    isolated, threshold = choose_isolated(scores["score"], method="otsu")
+    plot_scores(partial / "scores.png", scores["score"], threshold=threshold, isolated=isolated, poisoned=truth)
+    summary = {
+        "stage": "scan", "aabl_version": __version__, "torch_version": torch.__version__, "device": str(dev),
+        "dataset_root": str(Path(dataset.root).resolve()), "dataset_fingerprint": dataset.fingerprint,
+        "settings": settings, "samples": len(dataset), "classes": dataset.classes,
+        "class_counts": dataset.class_counts(), "skipped": dataset.skipped,
+        "naive_train_acc": history[-1]["train_acc"] if history else None,
+        "clean_acc": float((scores["pred_clean"] == dataset.labels.numpy()).mean()),
+        "adv_acc": float((scores["pred_adv"] == dataset.labels.numpy()).mean()),
+        "score_median": float(np.median(scores["score"])),
+        "otsu_preview": {"threshold": threshold, "isolated": int(isolated.sum())},
+        "seconds": {"train": train_seconds, "score": score_seconds, "total": time.time() - started},
+    }
+    write_json(partial / "scan.json", summary)
+    replace_dir(partial, workdir / "scan")
+    return summary
+

@@ -1,0 +1,265 @@
+"""Stage 2: cut the robust (low-score, suspicious) samples away from the rest.
+
+Otsu's threshold over the raw scores; samples below it are *isolated* (D_rob), the rest
+*kept* (D_vul). At least `min_isolated` of the set is isolated (see README: the paper's
+Table 1 implies a 10 % floor). A backdoor's poisons share one label, so the isolated
+set's class make-up decides the verdict.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from skimage.filters import threshold_otsu
+
+from aabl_cli import __version__
+from aabl_cli.data import LINK_MODES, dataset_fingerprint, write_image_folder
+from aabl_cli.errors import AablError
+from aabl_cli.fsutil import atomic_output_dir, write_json
+
+METHODS = ("otsu", "quantile", "fixed")
+# Verdict: the suspected class's excess share of the isolated set, as a fraction of the
+# room it had to grow: (q - p) / (1 - p), q its isolated share, p its data share.
+SUSPECT_CONCENTRATION = 0.3
+SPLIT_FIELDS = ("index", "path", "label", "score", "kept")
+
+
+def choose_isolated(scores: np.ndarray, *, method: str = "otsu", fraction: float | None = None,
+                    threshold: float | None = None, min_isolated: float = 0.10) -> tuple[np.ndarray, float]:
+    """Boolean mask of the isolated samples (True = suspicious) and the threshold used.
+
+    otsu: score < Otsu threshold (256 bins), raised so at least `min_isolated` of the set is
+    isolated; quantile: the `fraction` lowest scores; fixed: score < `threshold`.
+    Ties at a rank cut are broken by dataset order.
+    """
+    scores = np.asarray(scores, dtype=np.float64)
+    n = len(scores)
+    if method == "fixed":
+        assert threshold is not None
+        return scores < threshold, float(threshold)
+    if method == "quantile":
+        assert fraction is not None
+        return _lowest(scores, round(fraction * n))
+    t = float(threshold_otsu(scores, nbins=256)) if np.ptp(scores) > 0 else float(scores[0])
+    isolated = scores < t
+    floor = math.ceil(min_isolated * n - 1e-9)
+    if isolated.sum() < floor:
+        return _lowest(scores, floor)
+    return isolated, t
+
+
+def _lowest(scores: np.ndarray, k: int) -> tuple[np.ndarray, float]:
+    order = np.argsort(scores, kind="stable")
+    isolated = np.zeros(len(scores), dtype=bool)
+    isolated[order[:k]] = True
+    if k <= 0:
+        return isolated, float(scores[order[0]]) if len(scores) else 0.0
+    if k >= len(scores):
+        return isolated, float(np.nextafter(scores[order[-1]], np.inf))
+    return isolated, float((scores[order[k - 1]] + scores[order[k]]) / 2)
+
+
+def class_verdict(labels: np.ndarray, isolated: np.ndarray, classes: list[str]) -> dict[str, Any]:
+    """Per-class isolated shares against data shares, the suspected target class and a verdict."""
+    counts = np.bincount(labels, minlength=len(classes))
+    iso = np.bincount(labels[isolated], minlength=len(classes))
+    p = counts / max(1, counts.sum())
+    q = iso / max(1, iso.sum())
+    excess = np.where(p < 1, (q - p) / np.clip(1 - p, 1e-12, None), 0.0)
+    top = int(np.argmax(excess))
+    concentration = float(excess[top]) if iso.sum() else 0.0
+    return {
+        "per_class": [{"class": c, "samples": int(counts[i]), "isolated": int(iso[i]),
+                       "share_of_data": float(p[i]), "share_of_isolated": float(q[i]),
+                       "isolated_fraction": float(iso[i] / counts[i]) if counts[i] else 0.0}
+                      for i, c in enumerate(classes)],
+        "suspected_class": classes[top],
+        "suspected_label": top,
+        "concentration": concentration,
+        "concentration_threshold": SUSPECT_CONCENTRATION,
+        "verdict": "backdoor suspected" if concentration >= SUSPECT_CONCENTRATION else "no backdoor evidence",
+    }
+
+
+def read_ground_truth(root: Path, paths: list[str]) -> np.ndarray | None:
+    """`poisoned` flags (0/1) from `root/poison.csv` in the order of `paths`, or None without one."""
+    truth_path = Path(root) / "poison.csv"
+    if not truth_path.is_file():
+        return None
+    try:
+        with open(truth_path, newline="") as fh:
+            flags = {row["path"]: int(row["poisoned"]) for row in csv.DictReader(fh)}
+    except (KeyError, ValueError, OSError, csv.Error):
+        return None
+    return np.array([flags.get(p, 0) for p in paths], dtype=np.int64)
+
+
+def read_scores(path: Path) -> tuple[dict[str, Any], list[str], np.ndarray, np.ndarray]:
+    """Read `scores.csv` and the `scan.json` beside it; check the rows against the dataset.
+
+    Returns (scan summary, paths, labels, scores). Edited score values are accepted;
+    missing, extra, duplicate or reordered rows, non-finite scores and changed images
+    are refused.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise AablError(f"scores file {path} does not exist; run `aabl scan DATA` first or pass its scores.csv")
+    scan_json = path.with_name("scan.json")
+    try:
+        scan = json.loads(scan_json.read_text())
+        root = Path(scan["dataset_root"])
+        fingerprint = scan["dataset_fingerprint"]
+        classes = list(scan["classes"])
+        expected = int(scan["samples"])
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise AablError(f"{scan_json} is missing or unreadable; keep the scan.json that `aabl scan` wrote "
+                        "beside scores.csv") from err
+    paths: list[str] = []
+    labels: list[int] = []
+    scores: list[float] = []
+    try:
+        with open(path, newline="") as fh:
+            reader = csv.DictReader(fh)
+            missing = {"index", "path", "label", "score"} - set(reader.fieldnames or [])
+            if missing:
+                raise AablError(f"{path} lacks the column(s) {sorted(missing)}; use the scores.csv that scan wrote")
+            for line, row in enumerate(reader, start=2):
+                try:
+                    index, label, score = int(row["index"]), int(row["label"]), float(row["score"])
+                except (TypeError, ValueError) as err:
+                    raise AablError(f"{path}, line {line}: unreadable row ({err}); fix or re-create the file "
+                                    "with `aabl scan`") from err
+                if index != len(paths):
+                    raise AablError(f"{path}, line {line}: index {index} where {len(paths)} was expected (rows "
+                                    "missing, duplicated or reordered); restore the rows in dataset order")
+                if not math.isfinite(score):
+                    raise AablError(f"{path}, line {line}: score {row['score']!r} is not a finite number; "
+                                    "give every sample a finite score")
+                if not 0 <= label < len(classes):
+                    raise AablError(f"{path}, line {line}: label {label} is not one of the {len(classes)} classes")
+                paths.append(row["path"])
+                labels.append(label)
+                scores.append(score)
+    except (OSError, UnicodeDecodeError, csv.Error) as err:
+        raise AablError(f"cannot read {path}: {err}; re-create it with `aabl scan`") from err
+    if len(paths) != expected:
+        raise AablError(f"{path} has {len(paths)} rows but the scan scored {expected} images; the file is "
+                        "truncated or edited: re-create it with `aabl scan`")
+    if len(set(paths)) != len(paths):
+        raise AablError(f"{path} lists some images twice; re-create it with `aabl scan`")
+    if not root.is_dir():
+        raise AablError(f"the scanned dataset {root} (named in {scan_json}) is gone; restore it or scan again")
+    try:
+        current = dataset_fingerprint(root, paths)
+    except OSError as err:
+        raise AablError(f"an image listed in {path} cannot be read from {root} ({err}); "
+                        "the dataset changed since the scan: scan it again") from err
+    if current != fingerprint:
+        raise AablError(f"{path} does not match the images in {root} (paths, order or file contents changed "
+                        "since the scan); scan the dataset again")
+    return scan, paths, np.array(labels, dtype=np.int64), np.array(scores, dtype=np.float64)
+
+
+def split(scores: str | Path | None = None, *, workdir: str | Path = "aabl-out", method: str = "otsu",
+          fraction: float | None = None, threshold: float | None = None, min_isolated: float = 0.10,
+          link: str = "copy", fail_over: float | None = None, fail_on_suspect: bool = False) -> dict[str, Any]:
+    """Split the scanned dataset into `workdir/split/kept/` and `workdir/split/isolated/`.
+
+    Writes `split.csv` and `split.json` too. The summary's `gates` lists the CI gates
+    that tripped (`fail_over`, `fail_on_suspect`); the caller turns them into exit 3.
+    """
+    if method not in METHODS:
+        raise AablError(f"unknown --method {method!r}; use one of {', '.join(METHODS)}")
+    if method == "quantile" and fraction is None:
+        raise AablError("--method quantile needs --fraction F (the share to isolate, e.g. 0.1)")
+    if method == "fixed" and threshold is None:
+        raise AablError("--method fixed needs --threshold T (isolate scores below T)")
+    if link not in LINK_MODES:
+        raise AablError(f"unknown --link {link!r}; use one of {', '.join(LINK_MODES)}")
+    started = time.time()
+    workdir = Path(workdir)
+    scores_path = Path(scores) if scores is not None else workdir / "scan" / "scores.csv"
+    scan, paths, labels, values = read_scores(scores_path)
+    root, classes = Path(scan["dataset_root"]), list(scan["classes"])
+    isolated, t = choose_isolated(values, method=method, fraction=fraction, threshold=threshold,
+                                  min_isolated=min_isolated)
+    kept = ~isolated
+    n = len(values)
+    summary: dict[str, Any] = {
+        "stage": "split", "aabl_version": __version__, "scores": str(scores_path.resolve()),
+        "dataset_root": str(root), "dataset_fingerprint": scan["dataset_fingerprint"],
+        "settings": {"method": method, "fraction": fraction, "threshold": threshold,
+                     "min_isolated": min_isolated if method == "otsu" else None, "link": link,
+                     "fail_over": fail_over, "fail_on_suspect": fail_on_suspect},
+        "threshold": t, "samples": n, "kept": int(kept.sum()), "isolated": int(isolated.sum()),
+        "gamma": float(kept.mean()) if n else 0.0, "isolated_fraction": float(isolated.mean()) if n else 0.0,
+        "skipped": scan.get("skipped", []),
+        **class_verdict(labels, isolated, classes),
+    }
+    truth = read_ground_truth(root, paths)
+    if truth is not None:
+        poisoned = truth.astype(bool)
+        summary["ground_truth"] = {
+            "poisoned": int(poisoned.sum()),
+            "rho": float(poisoned.mean()),
+            "rho_vul": float(poisoned[kept].mean()) if kept.any() else 0.0,
+            "precision": float(poisoned[isolated].mean()) if isolated.any() else 0.0,
+            "recall": float(isolated[poisoned].mean()) if poisoned.any() else float("nan"),
+        }
+    with atomic_output_dir(workdir / "split") as out:
+        for tree in ("kept", "isolated"):
+            for name in classes:
+                (out / tree / name).mkdir(parents=True, exist_ok=True)
+        write_image_folder(out / "kept", root, [p for p, k in zip(paths, kept) if k], link=link)
+        write_image_folder(out / "isolated", root, [p for p, i in zip(paths, isolated) if i], link=link)
+        _write_split_csv(out / "split.csv", paths, labels, values, kept, truth)
+        gates = []
+        if fail_over is not None and summary["isolated_fraction"] > fail_over:
+            gates.append(f"isolated {summary['isolated_fraction']:.1%} of the set, more than --fail-over "
+                         f"{fail_over:.1%}")
+        if fail_on_suspect and summary["verdict"] == "backdoor suspected":
+            gates.append(f"backdoor suspected (class {summary['suspected_class']!r}) and --fail-on-suspect is set")
+        summary["gates"] = gates
+        summary["seconds"] = time.time() - started
+        write_json(out / "split.json", summary)
+    return summary
+
+
+def _write_split_csv(path: Path, paths: list[str], labels: np.ndarray, scores: np.ndarray, kept: np.ndarray,
+                     truth: np.ndarray | None) -> None:
+    with open(path, "w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(SPLIT_FIELDS + (("poisoned",) if truth is not None else ()))
+        for i, rel in enumerate(paths):
+            row = [i, rel, int(labels[i]), f"{scores[i]:.9g}", int(kept[i])]
+            writer.writerow(row + ([int(truth[i])] if truth is not None else []))
+
+
+def describe(summary: dict[str, Any]) -> str:
+    """The split's report for a terminal: threshold, sizes, per-class shares, verdict."""
+    lines = [
+        f"threshold {summary['threshold']:.6g} ({summary['settings']['method']})",
+        f"kept      {summary['kept']:>7} ({summary['gamma']:.1%}, gamma)",
+        f"isolated  {summary['isolated']:>7} ({summary['isolated_fraction']:.1%})",
+        "",
+        f"{'class':<20} {'samples':>8} {'isolated':>9} {'of class':>9} {'of isolated':>12} {'of data':>8}",
+    ]
+    for row in summary["per_class"]:
+        lines.append(f"{row['class'][:20]:<20} {row['samples']:>8} {row['isolated']:>9} "
+                     f"{row['isolated_fraction']:>9.1%} {row['share_of_isolated']:>12.1%} {row['share_of_data']:>8.1%}")
+    lines += ["", f"suspected target class: {summary['suspected_class']} "
+              f"(concentration {summary['concentration']:.2f}, threshold {summary['concentration_threshold']})",
+              f"verdict: {summary['verdict']}"]
+    truth = summary.get("ground_truth")
+    if truth:
+        lines.append(f"ground truth: rho {truth['rho']:.2%} -> rho_vul {truth['rho_vul']:.2%}; isolated set "
+                     f"precision {truth['precision']:.1%}, recall {truth['recall']:.1%}")
+    for gate in summary.get("gates", []):
+        lines.append(f"gate failed: {gate}")
+    return "\n".join(lines)

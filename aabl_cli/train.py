@@ -1,0 +1,290 @@
+"""Stage 3: PGD adversarial training on the kept set, and the training loop `scan` shares.
+
+The loop works on the uint8 dataset tensor: batches are `randperm` slices, augmentation
+(random crop with padding, horizontal flip) is batched tensor work, and the float
+conversion happens per batch. Loss and accuracy accumulate as tensors, so nothing
+waits for the device inside the loop.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from aabl_cli import __version__
+from aabl_cli.attacks import pgd
+from aabl_cli.checkpoint import load_model, load_state, save_model, save_state
+from aabl_cli.data import ImageDataset, load_image_folder
+from aabl_cli.device import autocast, make_generator, prepare_model, resolve_device, seed_everything
+from aabl_cli.errors import AablError
+from aabl_cli.evaluate import PAPER_RA, Threat, accuracy, balanced_subset, to_float
+from aabl_cli.fsutil import replace_dir, write_json
+from aabl_cli.models import build_model, channel_stats
+from aabl_cli.progress import log, progress
+
+HISTORY_FIELDS = ("epoch", "lr", "train_loss", "train_acc", "val_acc", "val_ra", "seconds", "images_per_s")
+CPU_WARN_SECONDS = 3600
+
+
+def batch_augment(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Random crop (zero padding of 1/8 of the side, 4 px at 32 px) and horizontal flip of a
+    uint8 (N, C, H, W) batch, as one gather on the batch's device; returns uint8."""
+    n, _, h, w = images.shape
+    pad = max(1, round(h / 8))
+    padded = F.pad(images, (pad, pad, pad, pad))
+    dev = images.device
+    dy = torch.randint(0, 2 * pad + 1, (n,), generator=generator, device=dev)
+    dx = torch.randint(0, 2 * pad + 1, (n,), generator=generator, device=dev)
+    flip = torch.rand(n, generator=generator, device=dev) < 0.5
+    rows = dy[:, None] + torch.arange(h, device=dev)[None, :]
+    cols = torch.arange(w, device=dev)[None, :].expand(n, w)
+    cols = torch.where(flip[:, None], cols.flip(1), cols) + dx[:, None]
+    out = padded.permute(0, 2, 3, 1)[torch.arange(n, device=dev)[:, None, None], rows[:, :, None], cols[:, None, :]]
+    return out.permute(0, 3, 1, 2).contiguous()
+
+
+def lr_at(epoch: int, *, lr: float, milestones: list[int]) -> float:
+    """Step schedule: x0.1 at each milestone epoch (0-based epoch index)."""
+    return lr * 0.1 ** sum(1 for m in milestones if epoch >= m)
+
+
+def default_milestones(epochs: int) -> list[int]:
+    """50 %, 75 % and 90 % of the epochs (50/75/90 at 100, as in the paper)."""
+    return sorted({max(1, round(epochs * f)) for f in (0.5, 0.75, 0.9)})
+
+
+@dataclass
+class LoopSettings:
+    epochs: int
+    batch_size: int
+    threat: Threat | None  # None: plain training
+    milestones: list[int]
+    lr: float
+
+
+def fit(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, *, optimizer: torch.optim.Optimizer,
+        settings: LoopSettings, device: torch.device, seed: int, partial_dir: Path, resume: bool,
+        save_checkpoint: Callable[[Path, int], None], resume_key: dict[str, Any], desc: str, quiet: bool,
+        validate: Callable[[], dict[str, float]] | None = None) -> list[dict[str, Any]]:
+    """Train `model` in place for `settings.epochs`, saving resume state after every epoch.
+
+    `images` uint8 (N, C, H, W) and `labels` int64 (N,) may live on the CPU or on `device`.
+    Resume state (model, optimizer, RNG, history) lives in `partial_dir`; with `resume`
+    a run continues after its last finished epoch, and must have the same `resume_key`.
+    Returns the per-epoch history rows.
+    """
+    generator = make_generator(images.device, seed)
+    state_path, model_path, history_path = (partial_dir / "state.safetensors", partial_dir / "model.safetensors",
+                                            partial_dir / "history.csv")
+    history: list[dict[str, Any]] = []
+    start = 0
+    key_json = json.dumps(resume_key, sort_keys=True)
+    if resume and state_path.exists():
+        loaded, _ = load_model(model_path)
+        model.load_state_dict(loaded.state_dict())
+        start, rng, gen_state, meta = load_state(state_path, optimizer)
+        if meta.get("resume_key") != key_json:
+            raise AablError(f"the interrupted run in {partial_dir} used other settings or data; "
+                            "run again with the same options, or without --resume to start over")
+        torch.set_rng_state(rng)
+        generator.set_state(gen_state)
+        history = _read_history(history_path)[:start]
+        log(f"{desc}: resuming after epoch {start}/{settings.epochs}", quiet=quiet)
+    elif resume:
+        log(f"{desc}: nothing to resume in {partial_dir}; starting from scratch", quiet=quiet)
+
+    n = images.shape[0]
+    batches = math.ceil(n / settings.batch_size)
+    for epoch in range(start, settings.epochs):
+        lr = lr_at(epoch, lr=settings.lr, milestones=settings.milestones)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        t0 = time.perf_counter()
+        loss_sum, correct = _train_epoch(model, images, labels, optimizer=optimizer, settings=settings,
+                                         device=device, generator=generator, first=(epoch == start),
+                                         desc=f"{desc} {epoch + 1}/{settings.epochs}", quiet=quiet,
+                                         batches=batches)
+        row: dict[str, Any] = {"epoch": epoch + 1, "lr": lr, "train_loss": float(loss_sum) / n,
+                               "train_acc": float(correct) / n}
+        if validate is not None:
+            row.update(validate())
+        row["seconds"] = time.perf_counter() - t0
+        row["images_per_s"] = n / row["seconds"]
+        history.append(row)
+        extra = "".join(f" {k} {row[k]:.3f}" for k in ("val_acc", "val_ra") if k in row)
+        log(f"{desc} epoch {epoch + 1}/{settings.epochs}: loss {row['train_loss']:.4f} "
+            f"acc {row['train_acc']:.3f}{extra} ({row['seconds']:.1f} s)", quiet=quiet)
+        save_checkpoint(model_path, epoch + 1)
+        save_state(state_path, optimizer=optimizer, epoch=epoch + 1, rng=torch.get_rng_state(),
+                   generator=generator.get_state(), meta={"resume_key": key_json})
+        write_history(history_path, history)
+    return history
+
+
+def _train_epoch(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, *, optimizer: torch.optim.Optimizer,
+                 settings: LoopSettings, device: torch.device, generator: torch.Generator, first: bool, desc: str,
+                 quiet: bool, batches: int) -> tuple[torch.Tensor, torch.Tensor]:
+    n = images.shape[0]
+    perm = torch.randperm(n, generator=generator, device=images.device)
+    loss_sum = torch.zeros((), device=device)
+    correct = torch.zeros((), device=device, dtype=torch.int64)
+    t0 = time.perf_counter()
+    for b in progress(range(batches), total=batches, desc=desc, unit="batch", quiet=quiet):
+        idx = perm[b * settings.batch_size:(b + 1) * settings.batch_size]
+        if len(idx) < 2:  # batch norm cannot train on a single sample
+            continue
+        x = to_float(batch_augment(images[idx], generator), device)
+        y = labels[idx].to(device, non_blocking=True)
+        threat = settings.threat
+        if threat is not None and threat.eps > 0:
+            model.eval()  # attack with fixed batch-norm statistics, as TRADES and fast-AT do
+            with autocast(device):
+                x = pgd(model, x, y, eps=threat.eps, step_size=threat.step_size, steps=threat.steps,
+                        random_start=threat.random_start, generator=generator)
+        model.train()
+        with autocast(device):
+            logits = model(x)
+            loss = F.cross_entropy(logits.float(), y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        loss_sum += loss.detach() * len(idx)
+        correct += (logits.argmax(dim=1) == y).sum()
+        if first and b == 2 and device.type == "cpu":
+            _warn_if_slow(time.perf_counter() - t0, 3, batches, settings.epochs, quiet)
+    return loss_sum, correct
+
+
+def _warn_if_slow(elapsed: float, done: int, batches: int, epochs: int, quiet: bool) -> None:
+    estimate = elapsed / done * batches * epochs
+    if estimate > CPU_WARN_SECONDS:
+        log(f"note: this CPU run will take about {estimate / 3600:.1f} h; a GPU (--device cuda), --arch cnn "
+            "or fewer --epochs make it shorter", quiet=quiet)
+
+
+def write_history(path: Path, rows: list[dict[str, Any]]) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=HISTORY_FIELDS, extrasaction="ignore")
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
+    tmp.replace(path)
+
+
+def _read_history(path: Path) -> list[dict[str, Any]]:
+    if not path.exists():
+        return []
+    with open(path, newline="") as fh:
+        return [{k: (int(v) if k == "epoch" else float(v)) for k, v in row.items() if v != ""}
+                for row in csv.DictReader(fh)]
+
+
+def prepare_partial(partial: Path, resume: bool) -> None:
+    """The stage's in-progress folder: kept for --resume, otherwise started afresh."""
+    if partial.exists() and not resume:
+        shutil.rmtree(partial)
+    partial.mkdir(parents=True, exist_ok=True)
+
+
+def train(data: str | Path | None = None, *, workdir: str | Path = "aabl-out", arch: str = "resnet18",
+          epochs: int = 100, eps: float = 8 / 255, step_size: float = 2 / 255, steps: int = 10,
+          lr: float = 0.1, momentum: float = 0.9, weight_decay: float = 5e-4, batch_size: int = 128,
+          milestones: list[int] | None = None, val: str | Path | None = None, val_size: int = 1000,
+          seed: int = 0, device: str = "auto", resume: bool = False, quiet: bool = False,
+          cache_dir: str | Path | None = None, on_bad_file: str = "error",
+          image_size: int | None = None) -> dict[str, Any]:
+    """PGD adversarial training from scratch (Madry et al.); `eps=0` trains plainly.
+
+    Reads an image folder (default: `workdir/split/kept`), writes `workdir/train/` with
+    `model.safetensors`, `train.json` and `history.csv`; returns the summary.
+    """
+    workdir = Path(workdir)
+    if data is None:
+        data = workdir / "split" / "kept"
+        if not data.exists():
+            raise AablError(f"no data given and {data} does not exist; run `aabl split` first or pass DATA")
+    started = time.time()
+    dev = resolve_device(device)
+    dataset = load_image_folder(data, image_size=image_size, on_bad_file=on_bad_file, cache_dir=cache_dir,
+                                quiet=quiet)
+    milestones = default_milestones(epochs) if milestones is None else sorted(milestones)
+    val_set = _load_val(val, dataset, val_size=val_size, seed=seed, cache_dir=cache_dir, quiet=quiet)
+
+    seed_everything(seed)
+    mean, std = channel_stats(dataset.images)
+    model = prepare_model(build_model(arch, num_classes=len(dataset.classes), image_size=dataset.image_size,
+                                      mean=mean, std=std), dev)
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
+    threat = Threat(eps=eps, step_size=step_size, steps=steps, random_start=True) if eps > 0 else None
+    settings = {"data": str(dataset.root), "arch": arch, "epochs": epochs, "eps": eps, "step_size": step_size,
+                "steps": steps, "random_start": True, "optimizer": "sgd", "lr": lr, "momentum": momentum,
+                "weight_decay": weight_decay, "batch_size": batch_size, "milestones": milestones,
+                "val": None if val is None else str(val), "val_size": val_size, "seed": seed,
+                "image_size": list(dataset.image_size)}
+
+    def save(path: Path, done: int) -> None:
+        save_model(path, model, arch=arch, classes=dataset.classes, image_size=dataset.image_size, stage="train",
+                   adv_eps=eps, epochs=done, seed=seed, dataset_fingerprint=dataset.fingerprint)
+
+    validate = None
+    if val_set is not None:
+        vx, vy = val_set
+        val_threat = threat if threat is not None else PAPER_RA
+
+        def validate() -> dict[str, float]:
+            gen = make_generator(dev, seed)
+            return {"val_acc": accuracy(model, vx, vy, device=dev, batch_size=256),
+                    "val_ra": accuracy(model, vx, vy, device=dev, batch_size=256, threat=val_threat, generator=gen)}
+
+    partial = workdir / ".train.partial"
+    prepare_partial(partial, resume)
+    images, labels = place_on_device(dataset, dev)
+    history = fit(model, images, labels, optimizer=optimizer,
+                  settings=LoopSettings(epochs=epochs, batch_size=batch_size, threat=threat, milestones=milestones,
+                                        lr=lr),
+                  device=dev, seed=seed, partial_dir=partial, resume=resume, save_checkpoint=save,
+                  resume_key={**settings, "fingerprint": dataset.fingerprint}, desc="train", quiet=quiet,
+                  validate=validate)
+    summary = {
+        "stage": "train", "aabl_version": __version__, "torch_version": torch.__version__,
+        "device": str(dev), "settings": settings, "dataset_fingerprint": dataset.fingerprint,
+        "samples": len(dataset), "classes": dataset.classes, "class_counts": dataset.class_counts(),
+        "skipped": dataset.skipped, "final": history[-1] if history else {},
+        "seconds": time.time() - started,
+    }
+    write_json(partial / "train.json", summary)
+    replace_dir(partial, workdir / "train")
+    return summary
+
+
+def place_on_device(dataset: ImageDataset, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """On a GPU the whole uint8 set lives on the device; on the CPU it stays in (pinned) host memory."""
+    if device.type == "cuda":
+        return dataset.images.to(device), dataset.labels.to(device)
+    return dataset.images, dataset.labels
+
+
+def _load_val(val: str | Path | None, train_set: ImageDataset, *, val_size: int, seed: int,
+              cache_dir: str | Path | None, quiet: bool) -> tuple[torch.Tensor, torch.Tensor] | None:
+    if val is None:
+        return None
+    val_set = load_image_folder(val, image_size=train_set.image_size, cache_dir=cache_dir, min_classes=1,
+                                quiet=quiet)
+    if val_set.classes != train_set.classes:
+        raise AablError(f"--val {val} has classes {val_set.classes}, the training data {train_set.classes}; "
+                        "pass a validation folder with the same class folders")
+    idx = balanced_subset(val_set.labels, size=val_size, seed=seed)
+    return val_set.images[idx], val_set.labels[idx]
+
