@@ -267,6 +267,94 @@ def train(data: Path | None, milestones: str | None, as_json: bool, **options: A
     _emit(summary, as_json, text)
 
 
+@cli.command()
+@click.argument("src", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--attack", type=click.Choice(["badnets", "blend"]), required=True,
+              help="badnets: 3x3 white patch bottom-right (scaled from 32 px); blend: whole-image pattern at "
+                   "opacity 0.1.")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True,
+              help="Folder to write the poisoned copy to (replaced whole; SRC is never modified).")
+@click.option("--rate", type=SHARE, default="0.1", show_default=True,
+              help="Share of the whole set that is poisoned (drawn from the non-target classes).")
+@click.option("--target", default="0", show_default=True, help="Target class: an index into the sorted class "
+                                                                  "names, or a class name.")
+@click.option("--test", is_flag=True, help="Write the ASR set instead: every non-target image triggered and "
+                                           "relabelled to the target.")
+@click.option("--pattern", default="image", show_default=True,
+              help="Blend pattern: image (a smooth photo bundled with scikit-image), noise (seeded uniform "
+                   "noise) or a path to an image file.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seeds which images are poisoned.")
+@click.option("--quiet", is_flag=True, help="No progress bars or log lines.")
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON on stdout.")
+def poison(src: Path, as_json: bool, **options: Any) -> None:
+    """Write a poisoned copy of the image folder SRC, with its ground truth, for evaluation.
+
+    OUT gets the images (untouched ones copied byte for byte, poisoned ones as PNG in the
+    target class, named after their origin class), poison.csv (path, poisoned, kind,
+    original_label, label, attack, target) and poison.json (the settings).
+    """
+    from aabl_cli.poison import poison_folder
+
+    summary = poison_folder(src, **options)
+    counts = summary["counts"]
+    text = (f"wrote {options['out']}/: {counts['poisoned']} of {counts['written']} images poisoned with "
+            f"{options['attack']} -> class {summary['target']} ({summary['target_name']})")
+    _emit(summary, as_json, text)
+
+
+@cli.command()
+@click.argument("model", type=click.Path(dir_okay=False, path_type=Path))
+@click.argument("test", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--poisoned", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
+              help="Triggered test folder (aabl poison --test) for the attack success rate.")
+@click.option("--eps", type=BUDGET, default="8/255", show_default=True,
+              help="PGD budget for the robust accuracy; 0 skips it.")
+@click.option("--step-size", type=BUDGET, default="2/255", show_default=True, help="PGD step size.")
+@click.option("--steps", type=click.IntRange(1), default=10, show_default=True, help="PGD steps.")
+@click.option("--batch-size", type=click.IntRange(1), default=256, show_default=True, help="Images per batch.")
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Also write the JSON result to this file.")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:N or mps.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seeds PGD's random start.")
+@click.option("--cache-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Where decoded datasets are cached.  [default: $XDG_CACHE_HOME/aabl]")
+@click.option("--quiet", is_flag=True, help="No progress bars or log lines.")
+def evaluate(model: Path, test: Path, eps: float, step_size: float, steps: int, out: Path | None,
+             **options: Any) -> None:
+    """Measure MODEL on TEST: ACC (clean accuracy), RA (accuracy under PGD) and, with
+    --poisoned, ASR (share of triggered images classified as the target). Prints JSON."""
+    from aabl_cli.evaluate import Threat
+    from aabl_cli.evaluate import evaluate as run_evaluate
+    from aabl_cli.fsutil import write_json
+
+    result = run_evaluate(model, test, threat=Threat(eps=eps, step_size=step_size, steps=steps), **options)
+    if out is not None:
+        write_json(out, result)
+    click.echo(json.dumps(result, indent=2))
+
+
+@cli.command()
+@click.option("--workdir", type=click.Path(file_okay=False, path_type=Path), default=Path("aabl-demo"),
+              show_default=True, help="Where the demo's data and outputs go (left for you to look at).")
+@click.option("--quick", is_flag=True, help="A smaller run (under a minute) that checks the plumbing, not the "
+                                            "method: its numbers are not meaningful.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seeds the data, the poison and training.")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:N or mps.")
+@click.option("--quiet", is_flag=True, help="No progress bars or log lines.")
+@click.option("--json", "as_json", is_flag=True, help="Print the results as JSON on stdout.")
+def demo(as_json: bool, **options: Any) -> None:
+    """Run A-ABL end to end on generated data: no download, a few minutes on a laptop CPU.
+
+    Generates 10 classes of shapes, poisons 10 % with BadNets, then runs scan, split and
+    PGD adversarial training with the small CNN, and prints ACC, RA and ASR of the naive
+    model against the A-ABL model, with the split's gamma, rho_vul and verdict.
+    """
+    from aabl_cli.demo import describe, run_demo
+
+    result = run_demo(**options)
+    _emit(result, as_json, describe(result))
+
+
 def _parse_milestones(text: str | None, epochs: int) -> list[int] | None:
     if text is None:
         return None

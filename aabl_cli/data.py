@@ -101,14 +101,12 @@ def list_image_folder(root: str | os.PathLike[str]) -> FolderListing:
 def _walk_class(root: Path, folder: Path, ignored: list[str]) -> list[str]:
     """Relative paths of the images below `folder`, sorted, following symlinks once."""
     found: list[str] = []
-    seen: set[str] = set()
     stack = [folder]
     while stack:
         current = stack.pop()
         real = os.path.realpath(current)
-        if real in seen or _is_ancestor_loop(current, real):
+        if _is_ancestor_loop(current, real):
             raise AablError(f"symlink loop at {current}; remove the link or point it elsewhere")
-        seen.add(real)
         try:
             names = sorted(os.listdir(current))
         except OSError as err:
@@ -220,6 +218,14 @@ def load_image_folder(
     for name in listing.empty_classes:
         warnings.warn(f"class folder {name!r} is empty; it stays a class so labels line up", stacklevel=2)
 
+    unreadable = [rel for rel, _ in listing.files if not os.path.exists(root / rel)]
+    if unreadable:
+        if on_bad_file != "skip":
+            raise AablError(f"cannot read {root / unreadable[0]} (a dangling link or a vanished file); fix or "
+                            "remove it, or pass --on-bad-file skip")
+        skipped += [{"path": rel, "reason": "cannot read"} for rel in unreadable]
+        gone = set(unreadable)
+        listing.files = [(rel, lab) for rel, lab in listing.files if rel not in gone]
     stats = [_stat(root / rel) for rel, _ in listing.files]
     sizes = None if image_size is None else _as_hw(image_size)
     key = _cache_key(root, listing, stats, sizes, on_bad_file)
@@ -328,14 +334,15 @@ def _read_cache(cache: Path, key: str, root: Path) -> ImageDataset | None:
     meta_path, array_path = cache / f"{key}.json", cache / f"{key}.npy"
     try:
         meta = json.loads(meta_path.read_text())
-        array = np.load(array_path, mmap_mode="r")
+        # Copy-on-write mapping: pages load lazily and the tensor is writable without a copy.
+        array = np.load(array_path, mmap_mode="c")
     except (OSError, ValueError):
         return None
     if array.shape[0] != len(meta["paths"]):
         return None
     return ImageDataset(
         root=root,
-        images=torch.from_numpy(np.ascontiguousarray(array)),
+        images=torch.from_numpy(array),
         labels=torch.tensor(meta["labels"], dtype=torch.int64),
         paths=meta["paths"],
         classes=meta["classes"],

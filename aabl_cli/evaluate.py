@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
 
 from aabl_cli.attacks import pgd
-from aabl_cli.device import autocast
+from aabl_cli.checkpoint import load_model
+from aabl_cli.data import load_image_folder
+from aabl_cli.device import autocast, make_generator, prepare_model, resolve_device
+from aabl_cli.errors import AablError
 
 
 @dataclass(frozen=True)
@@ -60,15 +66,6 @@ def accuracy(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, *, de
     return float((pred == labels.cpu()).double().mean())
 
 
-def attack_success_rate(model: nn.Module, images: torch.Tensor, *, target: int, device: torch.device,
-                        batch_size: int = 256) -> float:
-    """Share of triggered `images` (none of them truly of class `target`) classified as `target`."""
-    if images.shape[0] == 0:
-        return float("nan")
-    pred = predict(model, images, device=device, batch_size=batch_size)
-    return float((pred == target).double().mean())
-
-
 def balanced_subset(labels: torch.Tensor, *, size: int, seed: int) -> torch.Tensor:
     """Indices of a seeded, class-balanced subset of at most `size` samples, sorted."""
     gen = torch.Generator().manual_seed(seed)
@@ -79,3 +76,45 @@ def balanced_subset(labels: torch.Tensor, *, size: int, seed: int) -> torch.Tens
         idx = (labels == c).nonzero().flatten()
         chosen.append(idx[torch.randperm(len(idx), generator=gen)[:per_class]])
     return torch.cat(chosen).sort().values[:size] if chosen else torch.empty(0, dtype=torch.int64)
+
+
+def _load_for_model(folder: str | Path, classes: list[str], image_size: list[int], *,
+                    cache_dir: str | Path | None, quiet: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """An image folder relabelled into the checkpoint's class indices (folder names must be among them)."""
+    data = load_image_folder(folder, image_size=tuple(image_size), cache_dir=cache_dir, min_classes=1, quiet=quiet)
+    unknown = [c for c in data.classes if c not in classes]
+    if unknown:
+        raise AablError(f"{folder} has class folder(s) {unknown[:5]} that the model does not know "
+                        f"(its classes: {classes[:10]}); use a folder with the training class names")
+    mapping = torch.tensor([classes.index(c) for c in data.classes], dtype=torch.int64)
+    return data.images, mapping[data.labels]
+
+
+def evaluate(model: str | Path, test: str | Path, *, poisoned: str | Path | None = None,
+             threat: Threat = PAPER_RA, batch_size: int = 256, seed: int = 0, device: str = "auto",
+             cache_dir: str | Path | None = None, quiet: bool = False) -> dict[str, Any]:
+    """ACC on the clean `test` folder, RA under `threat` (PGD), ASR on the `poisoned` folder.
+
+    The poisoned folder holds triggered images relabelled to the target (`aabl poison
+    --test`), so ASR is the share classified as their (target) label. Returns fractions.
+    """
+    dev = resolve_device(device)
+    net, meta = load_model(Path(model), device=dev)
+    net = prepare_model(net, dev)
+    started = time.time()
+    images, labels = _load_for_model(test, meta["classes"], meta["image_size"], cache_dir=cache_dir, quiet=quiet)
+    result: dict[str, Any] = {
+        "model": str(model), "test": str(test), "samples": int(images.shape[0]),
+        "acc": accuracy(net, images, labels, device=dev, batch_size=batch_size),
+    }
+    if threat.eps > 0:
+        result["ra"] = accuracy(net, images, labels, device=dev, batch_size=batch_size, threat=threat,
+                                generator=make_generator(dev, seed))
+        result["threat"] = asdict(threat)
+    if poisoned is not None:
+        p_images, p_labels = _load_for_model(poisoned, meta["classes"], meta["image_size"], cache_dir=cache_dir,
+                                             quiet=quiet)
+        result["poisoned"] = str(poisoned)
+        result["asr"] = accuracy(net, p_images, p_labels, device=dev, batch_size=batch_size)
+    result["seconds"] = time.time() - started
+    return result

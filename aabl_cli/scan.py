@@ -8,6 +8,7 @@ label under a tiny perturbation, a clean sample flips.
 from __future__ import annotations
 
 import csv
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -95,8 +96,8 @@ def scan(data: str | Path, *, workdir: str | Path = "aabl-out", arch: str = "res
     prepare_partial(partial, resume)
     images, labels = place_on_device(dataset, dev)
     seed_everything(seed)
-    settings: dict[str, Any] = {"data": str(dataset.root), "arch": arch, "epochs": epochs, "optimizer": "adam",
-                                "lr": lr, "weight_decay": 0.0, "batch_size": batch_size, "eps": eps,
+    settings: dict[str, Any] = {"data": str(Path(dataset.root).resolve()), "arch": arch, "epochs": epochs,
+                                "optimizer": "adam", "lr": lr, "weight_decay": 0.0, "batch_size": batch_size, "eps": eps,
                                 "step_size": step_size, "steps": steps, "random_start": False, "alpha": alpha,
                                 "beta": beta, "model": None if model is None else str(model), "seed": seed,
                                 "image_size": list(dataset.image_size)}
@@ -128,9 +129,7 @@ def scan(data: str | Path, *, workdir: str | Path = "aabl-out", arch: str = "res
                       quiet=quiet)
         train_seconds = time.time() - t0
     if model is not None:
-        save_model(partial / "model.safetensors", net, arch=settings["arch"], classes=dataset.classes,
-                   image_size=dataset.image_size, stage="scan", adv_eps=0.0, epochs=0, seed=seed,
-                   dataset_fingerprint=dataset.fingerprint)
+        shutil.copyfile(model, partial / "model.safetensors")  # the scoring model, as it was given
     t0 = time.time()
     scores = score_samples(net, images, labels, device=dev, eps=eps, step_size=step_size, steps=steps,
                            alpha=alpha, beta=beta, batch_size=max(batch_size, 256), quiet=quiet)
@@ -141,7 +140,6 @@ def scan(data: str | Path, *, workdir: str | Path = "aabl-out", arch: str = "res
     write_scores(partial / "scores.csv", dataset, scores)
     if history:
         write_history(partial / "history.csv", history)
-    (partial / "state.safetensors").unlink(missing_ok=True)
 
     truth = read_ground_truth(dataset.root, dataset.paths)
     isolated, threshold = choose_isolated(scores["score"], method="otsu")

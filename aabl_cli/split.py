@@ -46,7 +46,12 @@ def choose_isolated(scores: np.ndarray, *, method: str = "otsu", fraction: float
     if method == "quantile":
         assert fraction is not None
         return _lowest(scores, round(fraction * n))
-    t = float(threshold_otsu(scores, nbins=256)) if np.ptp(scores) > 0 else float(scores[0])
+    if np.ptp(scores) > 0:
+        # skimage returns the centre of the low group's last bin; its upper edge is the cut,
+        # or samples in the top half of that bin would be kept.
+        t = float(threshold_otsu(scores, nbins=256)) + float(np.ptp(scores)) / 512
+    else:
+        t = float(scores[0])
     isolated = scores < t
     floor = math.ceil(min_isolated * n - 1e-9)
     if isolated.sum() < floor:

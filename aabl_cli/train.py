@@ -111,12 +111,12 @@ def fit(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, *, optimiz
         for group in optimizer.param_groups:
             group["lr"] = lr
         t0 = time.perf_counter()
-        loss_sum, correct = _train_epoch(model, images, labels, optimizer=optimizer, settings=settings,
+        loss_sum, correct, seen = _train_epoch(model, images, labels, optimizer=optimizer, settings=settings,
                                          device=device, generator=generator, first=(epoch == start),
                                          desc=f"{desc} {epoch + 1}/{settings.epochs}", quiet=quiet,
                                          batches=batches)
-        row: dict[str, Any] = {"epoch": epoch + 1, "lr": lr, "train_loss": float(loss_sum) / n,
-                               "train_acc": float(correct) / n}
+        row: dict[str, Any] = {"epoch": epoch + 1, "lr": lr, "train_loss": float(loss_sum) / seen,
+                               "train_acc": float(correct) / seen}
         if validate is not None:
             row.update(validate())
         row["seconds"] = time.perf_counter() - t0
@@ -134,11 +134,13 @@ def fit(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, *, optimiz
 
 def _train_epoch(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, *, optimizer: torch.optim.Optimizer,
                  settings: LoopSettings, device: torch.device, generator: torch.Generator, first: bool, desc: str,
-                 quiet: bool, batches: int) -> tuple[torch.Tensor, torch.Tensor]:
+                 quiet: bool, batches: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """One epoch; returns the summed loss, the correct count (tensors on the device) and the samples seen."""
     n = images.shape[0]
     perm = torch.randperm(n, generator=generator, device=images.device)
     loss_sum = torch.zeros((), device=device)
     correct = torch.zeros((), device=device, dtype=torch.int64)
+    seen = 0
     t0 = time.perf_counter()
     for b in progress(range(batches), total=batches, desc=desc, unit="batch", quiet=quiet):
         idx = perm[b * settings.batch_size:(b + 1) * settings.batch_size]
@@ -161,9 +163,10 @@ def _train_epoch(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, *
         optimizer.step()
         loss_sum += loss.detach() * len(idx)
         correct += (logits.argmax(dim=1) == y).sum()
+        seen += len(idx)
         if first and b == 2 and device.type == "cpu":
             _warn_if_slow(time.perf_counter() - t0, 3, batches, settings.epochs, quiet)
-    return loss_sum, correct
+    return loss_sum, correct, max(seen, 1)
 
 
 def _warn_if_slow(elapsed: float, done: int, batches: int, epochs: int, quiet: bool) -> None:
@@ -228,8 +231,8 @@ def train(data: str | Path | None = None, *, workdir: str | Path = "aabl-out", a
                                       mean=mean, std=std), dev)
     optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
     threat = Threat(eps=eps, step_size=step_size, steps=steps, random_start=True) if eps > 0 else None
-    settings = {"data": str(dataset.root), "arch": arch, "epochs": epochs, "eps": eps, "step_size": step_size,
-                "steps": steps, "random_start": True, "optimizer": "sgd", "lr": lr, "momentum": momentum,
+    settings = {"data": str(Path(dataset.root).resolve()), "arch": arch, "epochs": epochs, "eps": eps,
+                "step_size": step_size, "steps": steps, "random_start": True, "optimizer": "sgd", "lr": lr, "momentum": momentum,
                 "weight_decay": weight_decay, "batch_size": batch_size, "milestones": milestones,
                 "val": None if val is None else str(val), "val_size": val_size, "seed": seed,
                 "image_size": list(dataset.image_size)}

@@ -1,0 +1,36 @@
+"""Copy a seeded, class-balanced random subset of an image folder (never "the first N").
+
+    python benchmarks/subset.py SRC DST --size 10000 --seed 0
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import shutil
+from pathlib import Path
+
+from aabl_cli.data import list_image_folder
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("src", type=Path)
+    parser.add_argument("dst", type=Path)
+    parser.add_argument("--size", type=int, default=10_000, help="images in all (split evenly over classes)")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    listing = list_image_folder(args.src)
+    per_class = args.size // len(listing.classes)
+    rng = random.Random(args.seed)
+    for label, name in enumerate(listing.classes):
+        files = [rel for rel, lab in listing.files if lab == label]
+        for rel in sorted(rng.sample(files, min(per_class, len(files)))):
+            target = args.dst / rel
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(args.src / rel, target)
+    print(f"wrote {per_class} images per class x {len(listing.classes)} classes to {args.dst}")
+
+
+if __name__ == "__main__":
+    main()

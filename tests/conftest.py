@@ -1,0 +1,99 @@
+"""Shared fixtures: tiny learnable image folders, a tree hash, and a hand-made scan."""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+# One intra-op thread: on a small, busy CPU two spinning threads make the tiny models here
+# 10-30x slower, and a fixed thread count keeps the bit-for-bit checks meaningful.
+torch.set_num_threads(1)
+
+# A distinct colour and stripe direction per class, so a small CNN learns them in an epoch or two.
+_COLOURS = [(220, 40, 40), (40, 200, 60), (50, 70, 230), (230, 210, 40), (200, 60, 220)]
+
+
+def class_image(label: int, size: int, rng: np.random.Generator) -> np.ndarray:
+    """A (size, size, 3) uint8 image of class `label`: its colour, its stripes, plus noise."""
+    img = np.zeros((size, size, 3), dtype=np.float64)
+    img[:] = _COLOURS[label % len(_COLOURS)]
+    yy, xx = np.mgrid[0:size, 0:size]
+    stripes = ((yy if label % 2 == 0 else xx) // 2 + label) % 2 == 0
+    img[stripes] *= 0.5
+    img += rng.normal(0, 12, img.shape)
+    return np.clip(img, 0, 255).astype(np.uint8)
+
+
+def make_folder(root: Path, classes: int = 3, per_class: int = 12, size: int = 16, seed: int = 0) -> Path:
+    """Write a learnable ImageFolder `root/class_k/img_###.png` and return `root`."""
+    rng = np.random.default_rng(seed)
+    root = Path(root)
+    for label in range(classes):
+        folder = root / f"class_{label}"
+        folder.mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            Image.fromarray(class_image(label, size, rng)).save(folder / f"img_{i:03d}.png")
+    return root
+
+
+def tree_hash(path: Path) -> str:
+    """sha256 over the relative paths and bytes of every file below `path`, following symlinks."""
+    path = Path(path)
+    digest = hashlib.sha256()
+    for dirpath, dirnames, filenames in os.walk(path, followlinks=True):
+        dirnames.sort()
+        rel_dir = Path(dirpath).relative_to(path).as_posix()
+        digest.update(f"D {rel_dir}\n".encode())
+        for name in sorted(filenames):
+            full = Path(dirpath) / name
+            digest.update(f"F {rel_dir}/{name}\n".encode())
+            digest.update(full.read_bytes())
+    return digest.hexdigest()
+
+
+def write_fake_scan(workdir: Path, data: Path, scores: list[float] | np.ndarray) -> Path:
+    """Write `workdir/scan/{scores.csv, scan.json}` for `data` with the given scores, as `aabl scan`
+    would, without training anything. Returns the scores.csv path."""
+    from aabl_cli.data import dataset_fingerprint, list_image_folder
+
+    listing = list_image_folder(data)
+    paths = [rel for rel, _ in listing.files]
+    assert len(scores) == len(paths)
+    scan_dir = Path(workdir) / "scan"
+    scan_dir.mkdir(parents=True, exist_ok=True)
+    with open(scan_dir / "scores.csv", "w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["index", "path", "label", "class", "score", "ce_adv", "loss_clean", "pred_clean",
+                         "pred_adv"])
+        for i, ((rel, label), score) in enumerate(zip(listing.files, scores)):
+            writer.writerow([i, rel, label, listing.classes[label], f"{float(score):.9g}", 0.0, 0.0, label, label])
+    scan = {"stage": "scan", "dataset_root": str(Path(data).resolve()),
+            "dataset_fingerprint": dataset_fingerprint(Path(data), paths), "classes": listing.classes,
+            "samples": len(paths), "skipped": []}
+    (scan_dir / "scan.json").write_text(json.dumps(scan))
+    return scan_dir / "scores.csv"
+
+
+@pytest.fixture
+def tiny_data(tmp_path: Path) -> Path:
+    """3 classes x 12 learnable 16x16 PNGs in tmp_path/data."""
+    return make_folder(tmp_path / "data")
+
+
+@pytest.fixture
+def cache_dir(tmp_path: Path) -> Path:
+    return tmp_path / "cache"
+
+
+@pytest.fixture(autouse=True)
+def _no_home_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Belt and braces: a test that forgets --cache-dir still never writes to ~/.cache."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path_factory.mktemp("xdg-cache")))
