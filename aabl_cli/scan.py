@@ -97,10 +97,10 @@ def scan(data: str | Path, *, workdir: str | Path = "aabl-out", arch: str = "res
     images, labels = place_on_device(dataset, dev)
     seed_everything(seed)
     settings: dict[str, Any] = {"data": str(Path(dataset.root).resolve()), "arch": arch, "epochs": epochs,
-                                "optimizer": "adam", "lr": lr, "weight_decay": 0.0, "batch_size": batch_size, "eps": eps,
-                                "step_size": step_size, "steps": steps, "random_start": False, "alpha": alpha,
-                                "beta": beta, "model": None if model is None else str(model), "seed": seed,
-                                "image_size": list(dataset.image_size)}
+                                "optimizer": "adam", "lr": lr, "weight_decay": 0.0, "batch_size": batch_size,
+                                "eps": eps, "step_size": step_size, "steps": steps, "random_start": False,
+                                "alpha": alpha, "beta": beta, "model": None if model is None else str(model),
+                                "seed": seed, "image_size": list(dataset.image_size)}
     train_seconds = 0.0
     if model is not None:
         net, meta = load_model(Path(model), device=dev, classes=dataset.classes)

@@ -232,8 +232,8 @@ def train(data: str | Path | None = None, *, workdir: str | Path = "aabl-out", a
     optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
     threat = Threat(eps=eps, step_size=step_size, steps=steps, random_start=True) if eps > 0 else None
     settings = {"data": str(Path(dataset.root).resolve()), "arch": arch, "epochs": epochs, "eps": eps,
-                "step_size": step_size, "steps": steps, "random_start": True, "optimizer": "sgd", "lr": lr, "momentum": momentum,
-                "weight_decay": weight_decay, "batch_size": batch_size, "milestones": milestones,
+                "step_size": step_size, "steps": steps, "random_start": True, "optimizer": "sgd", "lr": lr,
+                "momentum": momentum, "weight_decay": weight_decay, "batch_size": batch_size, "milestones": milestones,
                 "val": None if val is None else str(val), "val_size": val_size, "seed": seed,
                 "image_size": list(dataset.image_size)}
 

@@ -23,7 +23,7 @@ def main() -> None:
     listing = list_image_folder(args.src)
     per_class = args.size // len(listing.classes)
     rng = random.Random(args.seed)
-    for label, name in enumerate(listing.classes):
+    for label in range(len(listing.classes)):
         files = [rel for rel, lab in listing.files if lab == label]
         for rel in sorted(rng.sample(files, min(per_class, len(files)))):
             target = args.dst / rel
