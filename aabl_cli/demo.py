@@ -41,12 +41,12 @@ class Recipe:
     batch_size: int
 
 
-FULL = Recipe(image_size=16, train_per_class=200, test_per_class=50, contrast=0.3, noise=0.08, scan_epochs=12,
-              scan_eps=2 / 255, train_epochs=10, train_eps=8 / 255, train_steps=3, train_step_size=4 / 255,
-              train_lr=0.05, batch_size=64)
-QUICK = Recipe(image_size=16, train_per_class=40, test_per_class=20, contrast=0.3, noise=0.08, scan_epochs=3,
-               scan_eps=2 / 255, train_epochs=2, train_eps=8 / 255, train_steps=2, train_step_size=4 / 255,
-               train_lr=0.05, batch_size=64)
+FULL = Recipe(image_size=16, train_per_class=150, test_per_class=50, contrast=0.4, noise=0.08, scan_epochs=20,
+              scan_eps=8 / 255, train_epochs=8, train_eps=8 / 255, train_steps=2, train_step_size=10 / 255,
+              train_lr=0.02, batch_size=32)
+QUICK = Recipe(image_size=16, train_per_class=30, test_per_class=10, contrast=0.4, noise=0.08, scan_epochs=2,
+               scan_eps=8 / 255, train_epochs=1, train_eps=8 / 255, train_steps=1, train_step_size=10 / 255,
+               train_lr=0.02, batch_size=32)
 
 
 def run_demo(*, workdir: str | Path = "aabl-demo", quick: bool = False, seed: int = 0, device: str = "auto",

@@ -13,7 +13,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-CLASSES = ("disk", "square", "ring", "cross", "triangle", "hbars", "vbars", "diagonal", "checker", "frame")
+# Sorted, so that a class's index here is its label in the image folder.
+CLASSES = ("checker", "cross", "diagonal", "disk", "frame", "hbars", "ring", "square", "triangle", "vbars")
 
 
 def _masks(label: int, yy: np.ndarray, xx: np.ndarray, cy: float, cx: float, r: float) -> np.ndarray:

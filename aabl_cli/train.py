@@ -172,8 +172,8 @@ def _train_epoch(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, *
 def _warn_if_slow(elapsed: float, done: int, batches: int, epochs: int, quiet: bool) -> None:
     estimate = elapsed / done * batches * epochs
     if estimate > CPU_WARN_SECONDS:
-        log(f"note: this CPU run will take about {estimate / 3600:.1f} h; a GPU (--device cuda), --arch cnn "
-            "or fewer --epochs make it shorter", quiet=quiet)
+        log(f"note: this CPU run will take about {estimate / 3600:.1f} h of training; a GPU (--device cuda), "
+            "a smaller --arch or fewer --epochs make it shorter", quiet=quiet)
 
 
 def write_history(path: Path, rows: list[dict[str, Any]]) -> None:
