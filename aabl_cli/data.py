@@ -196,13 +196,15 @@ def load_image_folder(
     on_bad_file: str = "error",
     cache_dir: str | os.PathLike[str] | None = None,
     min_classes: int = 2,
+    warn_empty: bool = True,
     quiet: bool = False,
 ) -> ImageDataset:
     """Decode an image folder into an `ImageDataset`, from the cache when nothing changed.
 
     `image_size`: N or (H, W) to resize to; default the most common size in the folder.
     `on_bad_file`: "error" stops at the first unreadable file, "skip" lists it in
-    `skipped`. `min_classes`: how many non-empty classes the caller needs.
+    `skipped`. `min_classes`: how many non-empty classes the caller needs; `warn_empty`:
+    warn about empty class folders (a triggered test set has only the target's).
     """
     listing = list_image_folder(root)
     root = listing.root
@@ -215,7 +217,7 @@ def load_image_folder(
                             "or pass --on-bad-file skip")
     else:
         skipped = []
-    for name in listing.empty_classes:
+    for name in listing.empty_classes if warn_empty else []:
         warnings.warn(f"class folder {name!r} is empty; it stays a class so labels line up", stacklevel=2)
 
     unreadable = [rel for rel, _ in listing.files if not os.path.exists(root / rel)]

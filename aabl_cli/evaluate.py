@@ -81,7 +81,8 @@ def balanced_subset(labels: torch.Tensor, *, size: int, seed: int) -> torch.Tens
 def _load_for_model(folder: str | Path, classes: list[str], image_size: list[int], *,
                     cache_dir: str | Path | None, quiet: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """An image folder relabelled into the checkpoint's class indices (folder names must be among them)."""
-    data = load_image_folder(folder, image_size=tuple(image_size), cache_dir=cache_dir, min_classes=1, quiet=quiet)
+    data = load_image_folder(folder, image_size=tuple(image_size), cache_dir=cache_dir, min_classes=1,
+                             warn_empty=False, quiet=quiet)
     unknown = [c for c in data.classes if c not in classes]
     if unknown:
         raise AablError(f"{folder} has class folder(s) {unknown[:5]} that the model does not know "

@@ -134,6 +134,7 @@ def scan(data: str | Path, *, workdir: str | Path = "aabl-out", arch: str = "res
     scores = score_samples(net, images, labels, device=dev, eps=eps, step_size=step_size, steps=steps,
                            alpha=alpha, beta=beta, batch_size=max(batch_size, 256), quiet=quiet)
     score_seconds = time.time() - t0
+    log(f"scan: scored {len(dataset)} images with iFGSM in {score_seconds:.1f} s", quiet=quiet)
     if not np.isfinite(scores["score"]).all():
         raise RuntimeFault(f"scoring {dataset.root} produced non-finite scores (the naive model diverged); "
                            "try a lower --lr or another --seed")
