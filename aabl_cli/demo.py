@@ -102,7 +102,8 @@ def describe(result: dict[str, Any]) -> str:
     naive, aabl = result["naive"], result["aabl"]
     lines = [
         "",
-        "BadNets (3x3 white patch -> class 0, 10 % of the training set) on generated shapes",
+        "BadNets (white corner patch -> class 0 on 10 % of the training set) on generated shapes; "
+        "scored at 8/255: the naive model resists 2/255 on such simple images",
         "",
         f"{'model':<28} {'ACC':>7} {'RA':>7} {'ASR':>7}",
         f"{'naive (trained on all)':<28} {naive['acc']:>7.1%} {naive['ra']:>7.1%} {naive['asr']:>7.1%}",

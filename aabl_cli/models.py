@@ -63,18 +63,21 @@ class SmallCNN(nn.Module):
     """A small residual CNN for CPUs, tests and the demo.
 
     Batch norm and residual connections matter here: a plain max-pool CNN stays at chance
-    under PGD adversarial training at CPU scale, this one learns. Downsampling is strided
-    convolution, so any input from 16 px up works; global pooling makes it size-agnostic.
+    under PGD adversarial training at CPU scale, this one learns. Downsampling is by max
+    pooling: against strided convolutions it learned a 3x3 BadNets patch five times
+    faster on CIFAR-10 (ASR 51 % against 10 % after 5 epochs), since a small bright patch
+    survives a max but is averaged away by a stride. Global pooling makes it size-agnostic
+    (16 px and up).
     """
 
     def __init__(self, num_classes: int, width: int = 32) -> None:
         super().__init__()
         w = width
         self.features = nn.Sequential(
-            _conv_bn(3, w),
-            _conv_bn(w, 2 * w, stride=2), _ResidualBlock(2 * w),
-            _conv_bn(2 * w, 4 * w, stride=2), _ResidualBlock(4 * w),
-            _conv_bn(4 * w, 8 * w, stride=2),
+            _conv_bn(3, w), _conv_bn(w, 2 * w), nn.MaxPool2d(2),
+            _ResidualBlock(2 * w), _conv_bn(2 * w, 4 * w), nn.MaxPool2d(2),
+            _ResidualBlock(4 * w), nn.MaxPool2d(2),
+            _conv_bn(4 * w, 8 * w),
         )
         self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8 * w, num_classes))
 
