@@ -101,6 +101,11 @@ def _vgg16(num_classes: int, image_size: int) -> nn.Module:
         # The CIFAR VGG: conv features, global pooling, one linear layer.
         net.avgpool = nn.AdaptiveAvgPool2d(1)
         net.classifier = nn.Linear(512, num_classes)
+        # Five max-pools halve 32 px to 1; below 32 px drop the last ones instead of reaching 0.
+        pools = [i for i, layer in enumerate(net.features) if isinstance(layer, nn.MaxPool2d)]
+        keep = max(1, min(len(pools), image_size.bit_length() - 1))
+        for i in pools[keep:]:
+            net.features[i] = nn.Identity()
     return net
 
 
