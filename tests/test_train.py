@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 
@@ -130,6 +131,21 @@ def _count_epochs(monkeypatch) -> list[int]:
     return calls
 
 
+@contextlib.contextmanager
+def interrupted_after_first_epoch(monkeypatch):
+    """Ctrl-C right after epoch 1's model, state and history are saved; the patch is undone on exit."""
+    real = train_mod.write_history
+
+    def interrupt(path, rows):
+        real(path, rows)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train_mod, "write_history", interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        yield
+    monkeypatch.setattr(train_mod, "write_history", real)
+
+
 def test_seeded_cpu_run_repeats_bit_for_bit(tiny_data, tmp_path):
     train(tiny_data, workdir=tmp_path / "a", cache_dir=tmp_path / "c", seed=3, **FAST)
     train(tiny_data, workdir=tmp_path / "b", cache_dir=tmp_path / "c", seed=3, **FAST)
@@ -144,19 +160,11 @@ def test_resume_after_interruption_equals_uninterrupted_run(tiny_data, tmp_path,
     common = dict(cache_dir=tmp_path / "c", seed=1, **FAST)
     train(tiny_data, workdir=tmp_path / "full", **common)
 
-    real = train_mod.write_history
-
-    def interrupt_after_first_epoch(path, rows):
-        real(path, rows)  # epoch 1's model, state and history are saved ...
-        raise KeyboardInterrupt  # ... and then the user presses Ctrl-C
-
-    monkeypatch.setattr(train_mod, "write_history", interrupt_after_first_epoch)
     work = tmp_path / "cut"
-    with pytest.raises(KeyboardInterrupt):
+    with interrupted_after_first_epoch(monkeypatch):
         train(tiny_data, workdir=work, **common)
     assert not (work / "train").exists()
     assert (work / ".train.partial" / "state.safetensors").is_file()
-    monkeypatch.setattr(train_mod, "write_history", real)
 
     epochs_run = _count_epochs(monkeypatch)
     train(tiny_data, workdir=work, resume=True, **common)
@@ -170,16 +178,8 @@ def test_resume_after_interruption_equals_uninterrupted_run(tiny_data, tmp_path,
 
 def test_resume_with_other_settings_refused(tiny_data, tmp_path, monkeypatch):
     common = dict(cache_dir=tmp_path / "c", seed=1, **FAST)
-    real = train_mod.write_history
-
-    def interrupt(path, rows):
-        real(path, rows)
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(train_mod, "write_history", interrupt)
-    with pytest.raises(KeyboardInterrupt):
+    with interrupted_after_first_epoch(monkeypatch):
         train(tiny_data, workdir=tmp_path / "w", **common)
-    monkeypatch.setattr(train_mod, "write_history", real)
     with pytest.raises(AablError, match="other settings"):
         train(tiny_data, workdir=tmp_path / "w", resume=True, **{**common, "seed": 2})
 
@@ -235,17 +235,9 @@ def test_scan_shares_the_loop_and_resumes_to_the_same_scores(tiny_data, tmp_path
 
     common = dict(arch="cnn", epochs=2, batch_size=8, device="cpu", quiet=True, cache_dir=tmp_path / "c", seed=2)
     scan(tiny_data, workdir=tmp_path / "full", **common)
-    real = train_mod.write_history
-
-    def interrupt(path, rows):
-        real(path, rows)
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(train_mod, "write_history", interrupt)
-    with pytest.raises(KeyboardInterrupt):
+    with interrupted_after_first_epoch(monkeypatch):
         scan(tiny_data, workdir=tmp_path / "cut", **common)
     assert not (tmp_path / "cut" / "scan").exists()
-    monkeypatch.setattr(train_mod, "write_history", real)
     epochs_run = _count_epochs(monkeypatch)
     scan(tiny_data, workdir=tmp_path / "cut", resume=True, **common)
     assert len(epochs_run) == 1
