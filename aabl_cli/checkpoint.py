@@ -21,6 +21,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from aabl_cli import __version__
+from aabl_cli.data import MAX_IMAGE_PIXELS
 from aabl_cli.errors import AablError
 from aabl_cli.models import ARCHS, Classifier, build_model
 
@@ -96,6 +97,9 @@ def load_model(path: Path, *, device: torch.device | str = "cpu", arch: str | No
         meta["adv_eps"] = float(raw.get("adv_eps", "0"))
         if len(meta["classes"]) != meta["num_classes"] or len(meta["image_size"]) != 2:
             raise ValueError("inconsistent class count or image size")
+        height, width = meta["image_size"]
+        if min(height, width) < 1 or height * width > MAX_IMAGE_PIXELS:  # evaluate resizes test images to it
+            raise ValueError(f"image size {height}x{width} px is outside what aabl reads")
     except (ValueError, TypeError, json.JSONDecodeError) as err:
         raise AablError(f"{path}: checkpoint metadata is malformed ({err}); re-create it with aabl") from err
     if meta["arch"] not in ARCHS:
@@ -133,9 +137,12 @@ def _check_tensors(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
 
 
 def save_state(path: Path, *, optimizer: torch.optim.Optimizer, epoch: int, rng: torch.Tensor,
-               generator: torch.Tensor, meta: dict[str, str]) -> None:
-    """Resume state: optimizer tensors, the last finished epoch and both RNG states."""
+               generator: torch.Tensor, meta: dict[str, str], model: nn.Module | None = None) -> None:
+    """Resume state: optimizer tensors, the last finished epoch, both RNG states and, with `model`, its
+    weights. One file is one atomic commit, so a kill at any moment leaves a consistent state."""
     tensors: dict[str, torch.Tensor] = {"rng": rng.clone(), "generator": generator.clone()}
+    if model is not None:
+        tensors.update({f"model.{k}": v.detach().cpu().contiguous() for k, v in model.state_dict().items()})
     opt = optimizer.state_dict()
     for index, slots in opt["state"].items():
         for name, value in slots.items():
@@ -144,8 +151,10 @@ def save_state(path: Path, *, optimizer: torch.optim.Optimizer, epoch: int, rng:
     _save(path, tensors, info)
 
 
-def load_state(path: Path, optimizer: torch.optim.Optimizer) -> tuple[int, torch.Tensor, torch.Tensor, dict[str, str]]:
-    """Restore the optimizer from `path`; returns (epochs done, torch RNG state, generator state, metadata)."""
+def load_state(path: Path, optimizer: torch.optim.Optimizer,
+               model: nn.Module | None = None) -> tuple[int, torch.Tensor, torch.Tensor, dict[str, str]]:
+    """Restore the optimizer (and `model`'s weights) from `path`; returns (epochs done, torch RNG
+    state, generator state, metadata)."""
     try:
         tensors = load_file(str(path))
         with safe_open(str(path), framework="pt") as fh:
@@ -156,6 +165,9 @@ def load_state(path: Path, optimizer: torch.optim.Optimizer) -> tuple[int, torch
                 _, index, name = key.split(".", 2)
                 state.setdefault(int(index), {})[name] = value
         optimizer.load_state_dict({"state": state, "param_groups": json.loads(meta["param_groups"])})
+        if model is not None:
+            weights = {k.removeprefix("model."): v for k, v in tensors.items() if k.startswith("model.")}
+            model.load_state_dict(weights, strict=True)
         return int(meta["epoch"]), tensors["rng"], tensors["generator"], meta
-    except (SafetensorError, OSError, KeyError, ValueError, json.JSONDecodeError) as err:
+    except (SafetensorError, OSError, KeyError, ValueError, RuntimeError, json.JSONDecodeError) as err:
         raise AablError(f"{path}: the resume state is damaged ({err}); delete it and start without --resume") from err

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import errno
 import json
+import re
 import sys
 import traceback
 import warnings
@@ -19,6 +21,18 @@ from aabl_cli.errors import AablError, GateFailed
 ARCH_CHOICES = ("cnn", "resnet18", "resnet34", "vgg16", "mobilenetv2", "densenet121")
 
 
+# An exponent past float range: Fraction("1e999999999") would compute 10**999999999 (minutes, gigabytes).
+_HUGE_EXPONENT = re.compile(r"[eE][+-]?0*[1-9]\d{3,}")
+
+
+def parse_fraction(text: str) -> Fraction:
+    """`Fraction(text)` (never eval), refusing exponents that no budget or share needs before they cost
+    minutes. Raises ValueError or ZeroDivisionError for text that is not a number."""
+    if _HUGE_EXPONENT.search(text):
+        raise ValueError(f"exponent out of range in {text!r}")
+    return Fraction(text)
+
+
 class Budget(click.ParamType):
     """A budget in [0, 1] pixel units: `8/255`, `0.0314` or `0` (fractions, never eval)."""
 
@@ -29,7 +43,7 @@ class Budget(click.ParamType):
             return value
         text = str(value).strip()
         try:
-            number = Fraction(text)
+            number = parse_fraction(text)
         except (ValueError, ZeroDivisionError):
             self.fail(f"{text!r} is not a number or fraction; write it like 8/255 or 0.0314", param, ctx)
         if number < 0:
@@ -49,7 +63,7 @@ class ShareType(click.ParamType):
             return value
         text = str(value).strip()
         try:
-            number = Fraction(text[:-1]) / 100 if text.endswith("%") else Fraction(text)
+            number = parse_fraction(text[:-1]) / 100 if text.endswith("%") else parse_fraction(text)
         except (ValueError, ZeroDivisionError):
             self.fail(f"{text!r} is not a fraction; write it like 0.1, 1/10 or 10%", param, ctx)
         if not 0 <= number <= 1:
@@ -59,6 +73,14 @@ class ShareType(click.ParamType):
 
 BUDGET = Budget()
 SHARE = ShareType()
+
+
+# Environment faults the user can fix wherever they strike (exit 1): what to do about each.
+_WRITABLE = "fix its permissions or choose a writable --workdir / --out"
+ENVIRONMENT_FIXES = {errno.ENOSPC: "free some space or choose another --workdir / --out",
+                     errno.EDQUOT: "free some space (disk quota) or choose another --workdir / --out",
+                     errno.EROFS: "choose a writable --workdir / --out", errno.EACCES: _WRITABLE,
+                     errno.EPERM: _WRITABLE}
 
 
 class AablGroup(click.Group):
@@ -78,6 +100,10 @@ class AablGroup(click.Group):
         except Exception as err:  # noqa: BLE001 - the last line of defence for a CLI
             if ctx.obj and ctx.obj.get("debug"):
                 raise
+            fix = ENVIRONMENT_FIXES.get(err.errno) if isinstance(err, OSError) else None
+            if fix is not None:
+                where = f" ({err.filename})" if err.filename else ""
+                self._fail(ctx, f"error: {err.strerror}{where}; {fix}", 1)
             self._fail(ctx, f"error: {type(err).__name__}: {err} (run with --debug for the traceback)", 1)
 
     @staticmethod
@@ -325,8 +351,12 @@ def evaluate(model: Path, test: Path, eps: float, step_size: float, steps: int, 
     --poisoned, ASR (share of triggered images classified as the target). Prints JSON."""
     from aabl_cli.evaluate import Threat
     from aabl_cli.evaluate import evaluate as run_evaluate
-    from aabl_cli.fsutil import write_json
+    from aabl_cli.fsutil import inside, write_json
 
+    for folder in (test, options["poisoned"]):
+        if out is not None and folder is not None and inside(out, folder):
+            raise click.BadParameter(f"{out} is inside the input folder {folder}; choose an --out outside it",
+                                     param_hint="--out")
     result = run_evaluate(model, test, threat=Threat(eps=eps, step_size=step_size, steps=steps), **options)
     if out is not None:
         write_json(out, result)

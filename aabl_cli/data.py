@@ -9,10 +9,13 @@ paths, sizes and mtimes, so a second run does not decode again.
 from __future__ import annotations
 
 import collections
+import contextlib
+import errno
 import hashlib
 import json
 import os
 import shutil
+import stat
 import sys
 import warnings
 from collections.abc import Iterable
@@ -25,14 +28,16 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from aabl_cli.errors import AablError
-from aabl_cli.fsutil import safe_relative
+from aabl_cli.fsutil import inside, safe_relative
 from aabl_cli.progress import progress
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".ppm", ".webp")
 LINK_MODES = ("copy", "hardlink", "symlink", "none")
 
 # Refuse absurd images before PIL allocates them (a 1-GB decompression bomb is input too).
-Image.MAX_IMAGE_PIXELS = 16384 * 16384
+MAX_IMAGE_PIXELS = 16384 * 16384
+Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS
+MIN_SIDE = 16  # px: the smallest input every --arch takes (the small CNN pools three times)
 
 
 @dataclass
@@ -73,7 +78,8 @@ def list_image_folder(root: str | os.PathLike[str]) -> FolderListing:
     """List `root/<class>/**/<image>` in torchvision's order without decoding anything.
 
     Hidden files and folders are ignored, files at the top level are ignored (that is
-    where `poison.csv` lives), symlinks are followed and symlink loops refused.
+    where `poison.csv` lives), symlinks are followed and symlink loops refused, as are
+    names that are not UTF-8. Pipes and devices count as non-image files.
     """
     root = Path(root)
     if not root.exists():
@@ -85,6 +91,8 @@ def list_image_folder(root: str | os.PathLike[str]) -> FolderListing:
     except OSError as err:
         raise AablError(f"cannot read {root}: {err.strerror}; check its permissions") from err
     classes = [e for e in entries if (root / e).is_dir()]
+    for name in classes:
+        _check_name(root / name)
     if not classes:
         raise AablError(f"{root} has no class folders; lay images out as {root}/<class>/<image>")
     files: list[tuple[str, int]] = []
@@ -115,13 +123,30 @@ def _walk_class(root: Path, folder: Path, ignored: list[str]) -> list[str]:
             if name.startswith("."):
                 continue
             path = current / name
-            if path.is_dir():
+            _check_name(path)
+            try:
+                mode: int | None = os.stat(path).st_mode
+            except OSError as err:
+                if err.errno == errno.ELOOP:
+                    raise AablError(f"symlink loop at {path}; remove the link or point it elsewhere") from err
+                mode = None  # a dangling link or a vanished file: reported by name when it is read
+            if mode is not None and stat.S_ISDIR(mode):
                 stack.append(path)
-            elif path.suffix.lower() in IMAGE_EXTENSIONS:
+            elif path.suffix.lower() in IMAGE_EXTENSIONS and (mode is None or stat.S_ISREG(mode)):
                 found.append(path.relative_to(root).as_posix())
-            elif path.exists() or path.is_symlink():
+            else:  # other files, and pipes or devices, which would block or never end when read
                 ignored.append(path.relative_to(root).as_posix())
     return sorted(found)
+
+
+def _check_name(path: Path) -> None:
+    """Refuse a file name that is not UTF-8: it could not be written to scores.csv or poison.csv."""
+    try:
+        path.name.encode("utf-8")
+    except UnicodeEncodeError:
+        shown = os.fsencode(path).decode("utf-8", "backslashreplace")
+        raise AablError(f"{shown}: the file name is not valid UTF-8; rename it to UTF-8 "
+                        "(e.g. convmv -f latin1 -t utf-8 --notest -r DATA)") from None
 
 
 def _is_ancestor_loop(path: Path, real: str) -> bool:
@@ -175,12 +200,21 @@ def _image_size(path: Path) -> tuple[int, int] | None:
 
 
 def dataset_fingerprint(root: Path, paths: Iterable[str]) -> str:
-    """sha256 over the relative paths and the bytes of every file, in dataset order."""
+    """sha256 over the relative paths and the bytes of every file, in dataset order.
+
+    Raises OSError for a path that is not a regular file: a pipe or /dev/zero never ends.
+    """
     digest = hashlib.sha256()
     for rel in paths:
         digest.update(rel.encode("utf-8", "surrogateescape") + b"\0")
-        with open(root / rel, "rb") as fh:
-            digest.update(hashlib.sha256(fh.read()).digest())
+        path = root / rel
+        if not stat.S_ISREG(os.stat(path).st_mode):  # checked before open(): opening a pipe blocks
+            raise OSError(errno.EINVAL, "not a regular file", str(path))
+        file_digest = hashlib.sha256()
+        with open(path, "rb") as fh:
+            while block := fh.read(1 << 20):
+                file_digest.update(block)
+        digest.update(file_digest.digest())
     return digest.hexdigest()
 
 
@@ -212,7 +246,7 @@ def load_image_folder(
         if on_bad_file == "skip":
             skipped = [{"path": p, "reason": "not an image file"} for p in listing.ignored]
         else:
-            raise AablError(f"{root / listing.ignored[0]}: not an image file (expected "
+            raise AablError(f"{root / listing.ignored[0]}: not an image file (expected regular files named "
                             f"{', '.join(IMAGE_EXTENSIONS)}); move it out of the class folder "
                             "or pass --on-bad-file skip")
     else:
@@ -232,6 +266,10 @@ def load_image_folder(
     sizes = None if image_size is None else _as_hw(image_size)
     key = _cache_key(root, listing, stats, sizes, on_bad_file)
     cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    cache_in_data = inside(cache, root)
+    if cache_in_data:
+        warnings.warn(f"the cache folder {cache} is inside the data folder {root}, so nothing is cached; "
+                      "choose a --cache-dir outside it", stacklevel=2)
     cached = _read_cache(cache, key, root)
     if cached is not None:
         cached.skipped = skipped + cached.skipped
@@ -252,7 +290,8 @@ def load_image_folder(
         fingerprint=dataset_fingerprint(root, paths),
         skipped=bad,
     )
-    _write_cache(cache, key, dataset)
+    if not cache_in_data:  # never write below an input folder
+        _write_cache(cache, key, dataset)
     dataset.skipped = skipped + bad
     _check_classes(dataset, min_classes)
     return dataset
@@ -265,6 +304,14 @@ def _check_classes(dataset: ImageDataset, min_classes: int) -> None:
     if nonempty < min_classes:
         raise AablError(f"{dataset.root} has {nonempty} non-empty class folder(s); training needs at least "
                         f"{min_classes}: add images of another class under {dataset.root}/<class>/")
+
+
+def check_image_size(dataset: ImageDataset) -> None:
+    """Refuse images smaller than the models take, naming the option that enlarges them."""
+    h, w = dataset.image_size
+    if min(h, w) < MIN_SIDE:
+        raise AablError(f"{dataset.root}: the images are {w}x{h} px, smaller than the {MIN_SIDE} px the models need; "
+                        f"pass --image-size {MIN_SIDE} (or more) to enlarge them")
 
 
 def _as_hw(size: int | tuple[int, int]) -> tuple[int, int]:
@@ -355,18 +402,21 @@ def _read_cache(cache: Path, key: str, root: Path) -> ImageDataset | None:
 
 def _write_cache(cache: Path, key: str, dataset: ImageDataset) -> None:
     """Best effort: a cache that cannot be written costs time, never correctness."""
+    tmp, tmp_meta = cache / f".{key}.{os.getpid()}.npy", cache / f".{key}.{os.getpid()}.json"
     try:
         cache.mkdir(parents=True, exist_ok=True)
-        tmp = cache / f".{key}.{os.getpid()}.npy"
         np.save(tmp, dataset.images.numpy())
         os.replace(tmp, cache / f"{key}.npy")
         meta = {"paths": dataset.paths, "labels": dataset.labels.tolist(), "classes": dataset.classes,
                 "fingerprint": dataset.fingerprint, "skipped": dataset.skipped}
-        tmp_meta = cache / f".{key}.{os.getpid()}.json"
         tmp_meta.write_text(json.dumps(meta))
         os.replace(tmp_meta, cache / f"{key}.json")
     except OSError as err:
         print(f"warning: could not write the decode cache in {cache}: {err.strerror}", file=sys.stderr)
+    finally:  # a full disk leaves no half-written file behind
+        for leftover in (tmp, tmp_meta):
+            with contextlib.suppress(OSError):
+                leftover.unlink(missing_ok=True)
 
 
 def write_image_folder(

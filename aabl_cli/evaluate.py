@@ -15,6 +15,7 @@ from aabl_cli.checkpoint import load_model
 from aabl_cli.data import load_image_folder
 from aabl_cli.device import autocast, make_generator, prepare_model, resolve_device
 from aabl_cli.errors import AablError
+from aabl_cli.fuse import AttackView
 
 
 @dataclass(frozen=True)
@@ -42,6 +43,7 @@ def predict(model: nn.Module, images: torch.Tensor, *, device: torch.device, bat
     """Predicted labels (N,) for uint8 `images`, in order; under PGD against `labels` when
     `threat` is given. The model is put in eval mode."""
     model.eval()
+    view = AttackView(model)  # batch norm folded away: same outputs, cheaper attack steps
     out = []
     for start in range(0, images.shape[0], batch_size):
         x = to_float(images[start:start + batch_size], device)
@@ -49,10 +51,10 @@ def predict(model: nn.Module, images: torch.Tensor, *, device: torch.device, bat
             assert labels is not None, "a robust prediction needs the labels to attack"
             y = labels[start:start + batch_size].to(device)
             with autocast(device):
-                x = pgd(model, x, y, eps=threat.eps, step_size=threat.step_size, steps=threat.steps,
+                x = pgd(view, x, y, eps=threat.eps, step_size=threat.step_size, steps=threat.steps,
                         random_start=threat.random_start, generator=generator)
         with torch.no_grad(), autocast(device):
-            out.append(model(x).argmax(dim=1).cpu())
+            out.append(view(x).argmax(dim=1).cpu())
     return torch.cat(out) if out else torch.empty(0, dtype=torch.int64)
 
 

@@ -59,11 +59,34 @@ def replace_dir(tmp: Path, final: Path) -> None:
 
 
 def write_json(path: Path, data: dict[str, Any]) -> None:
-    """Write `data` as indented JSON through a temporary file and a rename."""
+    """Write `data` as indented JSON through a temporary file and a rename (creating the folder)."""
     path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
+        os.replace(tmp, path)
+    finally:  # a full disk leaves neither a half-written file nor a temporary one
+        tmp.unlink(missing_ok=True)
+
+
+def inside(path: str | os.PathLike[str], folder: str | os.PathLike[str]) -> bool:
+    """True when `path` is `folder` or lies below it, after resolving links."""
+    path_real, folder_real = Path(path).resolve(), Path(folder).resolve()
+    return path_real == folder_real or folder_real in path_real.parents
+
+
+def refuse_overlap(inputs: list[Path], *, workdir: Path, outputs: list[Path]) -> None:
+    """Refuse a work directory inside an input folder, or an output folder that holds one: writing
+    there would modify the input, and promoting the output would delete it."""
+    for data in inputs:
+        if inside(workdir, data):
+            raise AablError(f"--workdir {workdir} is inside the data folder {data}; choose a --workdir outside it "
+                            "(aabl never writes into its input)")
+        for out in outputs:
+            if inside(data, out):
+                raise AablError(f"writing {out} would replace the data folder {data} inside it; move the data or "
+                                "choose another --workdir")
 
 
 def safe_relative(rel: str) -> Path:

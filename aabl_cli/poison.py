@@ -35,6 +35,7 @@ NOISE_SEED = 0  # fixed, not --seed: a train set and its --test set must carry t
 PATTERNS = ("image", "noise")  # --pattern choices besides a file path
 BATCH = 256  # images decoded, triggered and written per step
 CSV_COLUMNS = ("path", "poisoned", "kind", "original_label", "label", "attack", "target")
+MAX_NAME_BYTES = 255  # the longest file name ext4, APFS and most other file systems allow
 
 
 def _scaled(pixels_at_32: int, side: int) -> int:
@@ -279,7 +280,8 @@ def _poison_names(listing: FolderListing, chosen: Sequence[int], target: int, *,
 
     A name already taken (by a clean file kept in the target folder, or an earlier poison
     such as `x.jpg` beside `x.png`) gets `-2`, `-3`, ... so nothing is overwritten. Names
-    are compared case-folded because macOS and Windows file systems ignore case.
+    are compared case-folded because macOS and Windows file systems ignore case. A name
+    longer than MAX_NAME_BYTES has its base cut to fit.
     """
     chosen_set = set(chosen)
     taken = {rel.casefold() for i, (rel, _) in enumerate(listing.files) if keep_clean and i not in chosen_set}
@@ -288,18 +290,32 @@ def _poison_names(listing: FolderListing, chosen: Sequence[int], target: int, *,
     for i in chosen:
         parts = PurePosixPath(listing.files[i][0]).parts
         base = "_".join((*parts[:-1], PurePosixPath(parts[-1]).stem))
-        name, k = f"{folder}/{base}.png", 2
+        name, k = f"{folder}/{_fit(base, '.png')}", 2
         while name.casefold() in taken:
-            name, k = f"{folder}/{base}-{k}.png", k + 1
+            name, k = f"{folder}/{_fit(base, f'-{k}.png')}", k + 1
         taken.add(name.casefold())
         names[i] = name
     return names
 
 
+def _fit(base: str, suffix: str) -> str:
+    """`base + suffix`, the base cut (on a character boundary) so the name fits in MAX_NAME_BYTES."""
+    room = MAX_NAME_BYTES - len(suffix.encode("utf-8"))
+    return base.encode("utf-8")[:room].decode("utf-8", "ignore") + suffix
+
+
+def _decode(path: Path) -> np.ndarray:
+    """decode_image, with a fix that `aabl poison` offers (it has no --on-bad-file)."""
+    try:
+        return decode_image(path)
+    except AablError as err:
+        raise AablError(f"{str(err).split(';')[0]}; remove or replace it in the source folder") from err
+
+
 def _poison_batch(root: Path, listing: FolderListing, batch: Sequence[int], names: dict[int, str],
                   trigger: Trigger, tmp: Path, pool: ThreadPoolExecutor) -> list[tuple[int, int]]:
     """Decode, trigger and write one batch; images of one size are triggered as one tensor. Returns their sizes."""
-    arrays = list(pool.map(lambda i: decode_image(root / listing.files[i][0]), batch))  # each at its own size
+    arrays = list(pool.map(lambda i: _decode(root / listing.files[i][0]), batch))  # each at its own size
     groups: dict[tuple[int, ...], list[int]] = collections.defaultdict(list)
     for j, arr in enumerate(arrays):
         groups[arr.shape].append(j)

@@ -2,8 +2,8 @@
 
 Otsu's threshold over the raw scores; samples below it are *isolated* (D_rob), the rest
 *kept* (D_vul). At least `min_isolated` of the set is isolated (see README: the paper's
-Table 1 implies a 10 % floor). A backdoor's poisons share one label, so the isolated
-set's class make-up decides the verdict.
+Table 1 implies a 10 % floor). A backdoor's poisons share one label, so the class make-up
+of the isolated set's most robust core decides the verdict.
 """
 
 from __future__ import annotations
@@ -24,9 +24,14 @@ from aabl_cli.errors import AablError
 from aabl_cli.fsutil import atomic_output_dir, write_json
 
 METHODS = ("otsu", "quantile", "fixed")
-# Verdict: the suspected class's excess share of the isolated set, as a fraction of the
-# room it had to grow: (q - p) / (1 - p), q its isolated share, p its data share.
+# Verdict: the suspected class's excess share of the verdict core, as a fraction of the
+# room it had to grow: (q - p) / (1 - p), q its share of the core, p its data share.
 SUSPECT_CONCENTRATION = 0.3
+# The verdict core: the most robust isolated samples, at most this share of the set. On
+# real data whole classes are naturally robust (ships, cars) and fill the isolated set's
+# upper part on clean and poisoned sets alike; a patch trigger's poisons sit far below.
+VERDICT_CORE = 0.05
+VERDICT_CORE_MIN = 50  # samples: a smaller core says little about class make-up
 SPLIT_FIELDS = ("index", "path", "label", "score", "kept")
 
 
@@ -70,20 +75,32 @@ def _lowest(scores: np.ndarray, k: int) -> tuple[np.ndarray, float]:
     return isolated, float((scores[order[k - 1]] + scores[order[k]]) / 2)
 
 
-def class_verdict(labels: np.ndarray, isolated: np.ndarray, classes: list[str]) -> dict[str, Any]:
-    """Per-class isolated shares against data shares, the suspected target class and a verdict."""
+def class_verdict(labels: np.ndarray, scores: np.ndarray, isolated: np.ndarray, classes: list[str],
+                  *, core: float = VERDICT_CORE, core_min: int = VERDICT_CORE_MIN) -> dict[str, Any]:
+    """Per-class isolated shares against data shares, the suspected target class and a verdict.
+
+    The verdict looks at the core: the `max(core * N, core_min)` isolated samples with the
+    lowest scores, or all of them when fewer are isolated.
+    """
     counts = np.bincount(labels, minlength=len(classes))
     iso = np.bincount(labels[isolated], minlength=len(classes))
+    candidates = np.flatnonzero(isolated)
+    size = min(len(candidates), max(core_min, math.ceil(core * len(labels))))
+    in_core = candidates[np.argsort(scores[candidates], kind="stable")[:size]]
+    core_counts = np.bincount(labels[in_core], minlength=len(classes))
     p = counts / max(1, counts.sum())
-    q = iso / max(1, iso.sum())
+    q = core_counts / max(1, size)
     excess = np.where(p < 1, (q - p) / np.clip(1 - p, 1e-12, None), 0.0)
     top = int(np.argmax(excess))
-    concentration = float(excess[top]) if iso.sum() else 0.0
+    concentration = float(excess[top]) if size else 0.0
     return {
-        "per_class": [{"class": c, "samples": int(counts[i]), "isolated": int(iso[i]),
-                       "share_of_data": float(p[i]), "share_of_isolated": float(q[i]),
+        "per_class": [{"class": c, "samples": int(counts[i]), "isolated": int(iso[i]), "core": int(core_counts[i]),
+                       "share_of_data": float(p[i]), "share_of_isolated": float(iso[i] / max(1, iso.sum())),
+                       "share_of_core": float(q[i]),
                        "isolated_fraction": float(iso[i] / counts[i]) if counts[i] else 0.0}
                       for i, c in enumerate(classes)],
+        "core_size": int(size),
+        "core_fraction": core,
         "suspected_class": classes[top],
         "suspected_label": top,
         "concentration": concentration,
@@ -100,7 +117,7 @@ def read_ground_truth(root: Path, paths: list[str]) -> np.ndarray | None:
     try:
         with open(truth_path, newline="") as fh:
             flags = {row["path"]: int(row["poisoned"]) for row in csv.DictReader(fh)}
-    except (KeyError, ValueError, OSError, csv.Error):
+    except (KeyError, TypeError, ValueError, OSError, csv.Error):
         return None
     return np.array([flags.get(p, 0) for p in paths], dtype=np.int64)
 
@@ -148,6 +165,10 @@ def read_scores(path: Path) -> tuple[dict[str, Any], list[str], np.ndarray, np.n
                                     "give every sample a finite score")
                 if not 0 <= label < len(classes):
                     raise AablError(f"{path}, line {line}: label {label} is not one of the {len(classes)} classes")
+                folder = str(row["path"]).split("/", 1)[0]
+                if folder not in classes or classes.index(folder) != label:
+                    raise AablError(f"{path}, line {line}: label {label} does not match the class folder of "
+                                    f"{row['path']}; restore the label or re-create the file with `aabl scan`")
                 paths.append(row["path"])
                 labels.append(label)
                 scores.append(score)
@@ -205,7 +226,7 @@ def split(scores: str | Path | None = None, *, workdir: str | Path = "aabl-out",
         "threshold": t, "samples": n, "kept": int(kept.sum()), "isolated": int(isolated.sum()),
         "gamma": float(kept.mean()) if n else 0.0, "isolated_fraction": float(isolated.mean()) if n else 0.0,
         "skipped": scan.get("skipped", []),
-        **class_verdict(labels, isolated, classes),
+        **class_verdict(labels, values, isolated, classes),
     }
     truth = read_ground_truth(root, paths)
     if truth is not None:
@@ -253,13 +274,16 @@ def describe(summary: dict[str, Any]) -> str:
         f"kept      {summary['kept']:>7} ({summary['gamma']:.1%}, gamma)",
         f"isolated  {summary['isolated']:>7} ({summary['isolated_fraction']:.1%})",
         "",
-        f"{'class':<20} {'samples':>8} {'isolated':>9} {'of class':>9} {'of isolated':>12} {'of data':>8}",
+        f"{'class':<20} {'samples':>8} {'isolated':>9} {'of class':>9} {'of isolated':>12} {'of core':>8} "
+        f"{'of data':>8}",
     ]
     for row in summary["per_class"]:
         lines.append(f"{row['class'][:20]:<20} {row['samples']:>8} {row['isolated']:>9} "
-                     f"{row['isolated_fraction']:>9.1%} {row['share_of_isolated']:>12.1%} {row['share_of_data']:>8.1%}")
+                     f"{row['isolated_fraction']:>9.1%} {row['share_of_isolated']:>12.1%} {row['share_of_core']:>8.1%} "
+                     f"{row['share_of_data']:>8.1%}")
     lines += ["", f"suspected target class: {summary['suspected_class']} "
-              f"(concentration {summary['concentration']:.2f}, threshold {summary['concentration_threshold']})",
+              f"(concentration {summary['concentration']:.2f} in the core of the {summary['core_size']} most robust "
+              f"isolated samples; threshold {summary['concentration_threshold']})",
               f"verdict: {summary['verdict']}"]
     truth = summary.get("ground_truth")
     if truth:

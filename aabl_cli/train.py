@@ -24,12 +24,13 @@ from torch import nn
 
 from aabl_cli import __version__
 from aabl_cli.attacks import pgd
-from aabl_cli.checkpoint import load_model, load_state, save_model, save_state
-from aabl_cli.data import ImageDataset, load_image_folder
+from aabl_cli.checkpoint import load_state, save_model, save_state
+from aabl_cli.data import ImageDataset, check_image_size, load_image_folder
 from aabl_cli.device import autocast, make_generator, prepare_model, resolve_device, seed_everything
 from aabl_cli.errors import AablError
 from aabl_cli.evaluate import PAPER_RA, Threat, accuracy, balanced_subset, to_float
-from aabl_cli.fsutil import replace_dir, write_json
+from aabl_cli.fsutil import refuse_overlap, replace_dir, write_json
+from aabl_cli.fuse import AttackView
 from aabl_cli.models import build_model, channel_stats
 from aabl_cli.progress import log, progress
 
@@ -80,32 +81,33 @@ def fit(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, *, optimiz
     """Train `model` in place for `settings.epochs`, saving resume state after every epoch.
 
     `images` uint8 (N, C, H, W) and `labels` int64 (N,) may live on the CPU or on `device`.
-    Resume state (model, optimizer, RNG, history) lives in `partial_dir`; with `resume`
-    a run continues after its last finished epoch, and must have the same `resume_key`.
+    Resume state (model, optimizer, RNG, history) lives in one file in `partial_dir`,
+    written after the epoch's model, so a kill at any moment resumes from the last complete
+    epoch; with `resume` a run continues after it, and must have the same `resume_key`.
     Returns the per-epoch history rows.
     """
     generator = make_generator(images.device, seed)
     state_path, model_path, history_path = (partial_dir / "state.safetensors", partial_dir / "model.safetensors",
-                                            partial_dir / "history.csv")
+                                            partial_dir / "history.csv")  # the last two are outputs only
     history: list[dict[str, Any]] = []
     start = 0
     key_json = json.dumps(resume_key, sort_keys=True)
     if resume and state_path.exists():
-        loaded, _ = load_model(model_path)
-        model.load_state_dict(loaded.state_dict())
-        start, rng, gen_state, meta = load_state(state_path, optimizer)
+        start, rng, gen_state, meta = load_state(state_path, optimizer, model=model)
         if meta.get("resume_key") != key_json:
             raise AablError(f"the interrupted run in {partial_dir} used other settings or data; "
                             "run again with the same options, or without --resume to start over")
         torch.set_rng_state(rng)
         generator.set_state(gen_state)
-        history = _read_history(history_path)[:start]
+        history = json.loads(meta.get("history", "[]"))
         log(f"{desc}: resuming after epoch {start}/{settings.epochs}", quiet=quiet)
     elif resume:
         log(f"{desc}: nothing to resume in {partial_dir}; starting from scratch", quiet=quiet)
 
     n = images.shape[0]
     batches = math.ceil(n / settings.batch_size)
+    adversarial = settings.threat is not None and settings.threat.eps > 0
+    view = AttackView(model) if adversarial else None
     for epoch in range(start, settings.epochs):
         lr = lr_at(epoch, lr=settings.lr, milestones=settings.milestones)
         for group in optimizer.param_groups:
@@ -114,7 +116,7 @@ def fit(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, *, optimiz
         loss_sum, correct, seen = _train_epoch(model, images, labels, optimizer=optimizer, settings=settings,
                                          device=device, generator=generator, first=(epoch == start),
                                          desc=f"{desc} {epoch + 1}/{settings.epochs}", quiet=quiet,
-                                         batches=batches)
+                                         batches=batches, view=view)
         row: dict[str, Any] = {"epoch": epoch + 1, "lr": lr, "train_loss": float(loss_sum) / seen,
                                "train_acc": float(correct) / seen}
         if validate is not None:
@@ -127,15 +129,17 @@ def fit(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, *, optimiz
             f"acc {row['train_acc']:.3f}{extra} ({row['seconds']:.1f} s)", quiet=quiet)
         save_checkpoint(model_path, epoch + 1)
         save_state(state_path, optimizer=optimizer, epoch=epoch + 1, rng=torch.get_rng_state(),
-                   generator=generator.get_state(), meta={"resume_key": key_json})
+                   generator=generator.get_state(), meta={"resume_key": key_json, "history": json.dumps(history)},
+                   model=model)
         write_history(history_path, history)
     return history
 
 
 def _train_epoch(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, *, optimizer: torch.optim.Optimizer,
                  settings: LoopSettings, device: torch.device, generator: torch.Generator, first: bool, desc: str,
-                 quiet: bool, batches: int) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """One epoch; returns the summed loss, the correct count (tensors on the device) and the samples seen."""
+                 quiet: bool, batches: int, view: AttackView | None = None) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """One epoch; returns the summed loss, the correct count (tensors on the device) and the samples seen.
+    `view`: the model with batch norm folded (`fuse.AttackView`), which the attack steps run on."""
     n = images.shape[0]
     perm = torch.randperm(n, generator=generator, device=images.device)
     loss_sum = torch.zeros((), device=device)
@@ -151,8 +155,12 @@ def _train_epoch(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, *
         threat = settings.threat
         if threat is not None and threat.eps > 0:
             model.eval()  # attack with fixed batch-norm statistics, as TRADES and fast-AT do
+            attacked = model
+            if view is not None:
+                view.refresh()
+                attacked = view
             with autocast(device):
-                x = pgd(model, x, y, eps=threat.eps, step_size=threat.step_size, steps=threat.steps,
+                x = pgd(attacked, x, y, eps=threat.eps, step_size=threat.step_size, steps=threat.steps,
                         random_start=threat.random_start, generator=generator)
         model.train()
         with autocast(device):
@@ -186,14 +194,6 @@ def write_history(path: Path, rows: list[dict[str, Any]]) -> None:
     tmp.replace(path)
 
 
-def _read_history(path: Path) -> list[dict[str, Any]]:
-    if not path.exists():
-        return []
-    with open(path, newline="") as fh:
-        return [{k: (int(v) if k == "epoch" else float(v)) for k, v in row.items() if v != ""}
-                for row in csv.DictReader(fh)]
-
-
 def prepare_partial(partial: Path, resume: bool) -> None:
     """The stage's in-progress folder: kept for --resume, otherwise started afresh."""
     if partial.exists() and not resume:
@@ -218,10 +218,14 @@ def train(data: str | Path | None = None, *, workdir: str | Path = "aabl-out", a
         data = workdir / "split" / "kept"
         if not data.exists():
             raise AablError(f"no data given and {data} does not exist; run `aabl split` first or pass DATA")
+    partial = workdir / ".train.partial"
+    refuse_overlap([Path(data)] + ([] if val is None else [Path(val)]), workdir=workdir,
+                   outputs=[workdir / "train", partial])
     started = time.time()
     dev = resolve_device(device)
     dataset = load_image_folder(data, image_size=image_size, on_bad_file=on_bad_file, cache_dir=cache_dir,
                                 quiet=quiet)
+    check_image_size(dataset)
     milestones = default_milestones(epochs) if milestones is None else sorted(milestones)
     val_set = _load_val(val, dataset, val_size=val_size, seed=seed, cache_dir=cache_dir, quiet=quiet)
 
@@ -251,7 +255,6 @@ def train(data: str | Path | None = None, *, workdir: str | Path = "aabl-out", a
             return {"val_acc": accuracy(model, vx, vy, device=dev, batch_size=256),
                     "val_ra": accuracy(model, vx, vy, device=dev, batch_size=256, threat=val_threat, generator=gen)}
 
-    partial = workdir / ".train.partial"
     prepare_partial(partial, resume)
     images, labels = place_on_device(dataset, dev)
     history = fit(model, images, labels, optimizer=optimizer,

@@ -114,22 +114,25 @@ def test_fixed_threshold_isolates_scores_below_it():
 
 def test_verdict_backdoor_suspected_for_one_class():
     labels = np.repeat(np.arange(3), 20)
+    scores = np.linspace(1.0, 2.0, 60)
     isolated = np.zeros(60, dtype=bool)
     isolated[20:26] = True  # six samples, all of class 1
-    verdict = class_verdict(labels, isolated, ["a", "b", "c"])
+    verdict = class_verdict(labels, scores, isolated, ["a", "b", "c"], core=0.1, core_min=1)
     assert verdict["verdict"] == "backdoor suspected"
     assert verdict["suspected_class"] == "b" and verdict["suspected_label"] == 1
     assert verdict["concentration"] == pytest.approx(1.0)
+    assert verdict["core_size"] == 6
     row = verdict["per_class"][1]
-    assert row == {"class": "b", "samples": 20, "isolated": 6, "share_of_data": pytest.approx(1 / 3),
-                   "share_of_isolated": pytest.approx(1.0), "isolated_fraction": pytest.approx(0.3)}
+    assert row == {"class": "b", "samples": 20, "isolated": 6, "core": 6, "share_of_data": pytest.approx(1 / 3),
+                   "share_of_isolated": pytest.approx(1.0), "share_of_core": pytest.approx(1.0),
+                   "isolated_fraction": pytest.approx(0.3)}
 
 
 def test_verdict_no_evidence_when_spread_like_the_data():
     labels = np.repeat(np.arange(3), 20)
     isolated = np.zeros(60, dtype=bool)
     isolated[[0, 1, 20, 21, 40, 41]] = True
-    verdict = class_verdict(labels, isolated, ["a", "b", "c"])
+    verdict = class_verdict(labels, np.ones(60), isolated, ["a", "b", "c"], core=0.1, core_min=1)
     assert verdict["verdict"] == "no backdoor evidence"
     assert verdict["concentration"] == pytest.approx(0.0, abs=1e-9)
     assert [r["isolated"] for r in verdict["per_class"]] == [2, 2, 2]
@@ -140,14 +143,46 @@ def test_verdict_uses_class_shares_not_raw_counts():
     labels = np.array([0] * 80 + [1] * 10 + [2] * 10)
     isolated = np.zeros(100, dtype=bool)
     isolated[[0, 1, 2, 3, 4, 5, 6, 7, 80, 90]] = True
-    verdict = class_verdict(labels, isolated, ["big", "b", "c"])
+    verdict = class_verdict(labels, np.ones(100), isolated, ["big", "b", "c"], core=0.1, core_min=1)
     assert verdict["verdict"] == "no backdoor evidence"
+
+
+def test_verdict_reads_the_most_robust_core_of_the_isolated_set():
+    # 100 samples per class. The isolated set holds 15 poisons of class 2 at scores near 0
+    # and, above them, 30 naturally robust samples of each class: over the whole isolated
+    # set class 2 barely stands out, in the 5 % core it is three quarters of what is there.
+    labels = np.repeat(np.arange(4), 100)
+    scores = np.full(400, 9.0)
+    isolated = np.zeros(400, dtype=bool)
+    robust = np.concatenate([np.arange(c * 100, c * 100 + 30) for c in range(4)])
+    scores[robust] = np.random.default_rng(0).uniform(1.0, 2.0, len(robust))
+    isolated[robust] = True
+    scores[230:245] = 0.001
+    isolated[230:245] = True
+    whole = class_verdict(labels, scores, isolated, ["a", "b", "c", "d"], core=1.0)
+    assert whole["core_size"] == 135 and whole["verdict"] == "no backdoor evidence"
+    core = class_verdict(labels, scores, isolated, ["a", "b", "c", "d"], core=0.05, core_min=1)
+    assert core["core_size"] == 20
+    assert core["verdict"] == "backdoor suspected" and core["suspected_class"] == "c"
+    assert core["per_class"][2]["core"] >= 15 and core["per_class"][2]["isolated"] == 45
 
 
 def test_verdict_with_nothing_isolated():
     labels = np.repeat(np.arange(2), 5)
-    verdict = class_verdict(labels, np.zeros(10, dtype=bool), ["a", "b"])
+    verdict = class_verdict(labels, np.ones(10), np.zeros(10, dtype=bool), ["a", "b"])
     assert verdict["verdict"] == "no backdoor evidence" and verdict["concentration"] == 0.0
+    assert verdict["core_size"] == 0
+
+
+def test_verdict_core_has_a_minimum_size():
+    # 5 % of 100 samples is 5, too few to judge: the core takes the 50 most robust isolated
+    labels = np.repeat(np.arange(2), 50)
+    scores = np.arange(100, dtype=float)
+    isolated = scores < 60
+    verdict = class_verdict(labels, scores, isolated, ["a", "b"], core=0.05)
+    assert verdict["core_size"] == 50
+    assert verdict["per_class"][0]["core"] == 50 and verdict["suspected_class"] == "a"
+    assert class_verdict(labels, scores, scores < 10, ["a", "b"])["core_size"] == 10  # all isolated
 
 
 # ---------------------------------------------------------------- read_scores
