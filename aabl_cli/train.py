@@ -34,6 +34,7 @@ from aabl_cli.fuse import AttackView
 from aabl_cli.models import build_model, channel_stats
 from aabl_cli.progress import log, progress
 
+ADV_METHODS = ("pgd", "fgsm-rs")
 HISTORY_FIELDS = ("epoch", "lr", "train_loss", "train_acc", "val_acc", "val_ra", "seconds", "images_per_s")
 CPU_WARN_SECONDS = 3600
 
@@ -207,12 +208,19 @@ def train(data: str | Path | None = None, *, workdir: str | Path = "aabl-out", a
           milestones: list[int] | None = None, val: str | Path | None = None, val_size: int = 1000,
           seed: int = 0, device: str = "auto", resume: bool = False, quiet: bool = False,
           cache_dir: str | Path | None = None, on_bad_file: str = "error",
-          image_size: int | None = None) -> dict[str, Any]:
+          image_size: int | None = None, adv_method: str = "pgd") -> dict[str, Any]:
     """PGD adversarial training from scratch (Madry et al.); `eps=0` trains plainly.
+
+    `adv_method="fgsm-rs"` trains on one FGSM step of 1.25 eps from a uniform random start
+    ("fast is better than free", Wong et al. 2020) instead, ignoring `steps` and `step_size`.
 
     Reads an image folder (default: `workdir/split/kept`), writes `workdir/train/` with
     `model.safetensors`, `train.json` and `history.csv`; returns the summary.
     """
+    if adv_method not in ADV_METHODS:
+        raise AablError(f"unknown --adv-method {adv_method!r}; use one of {', '.join(ADV_METHODS)}")
+    if adv_method == "fgsm-rs":
+        step_size, steps = 1.25 * eps, 1
     workdir = Path(workdir)
     if data is None:
         data = workdir / "split" / "kept"
@@ -235,7 +243,8 @@ def train(data: str | Path | None = None, *, workdir: str | Path = "aabl-out", a
                                       mean=mean, std=std), dev)
     optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
     threat = Threat(eps=eps, step_size=step_size, steps=steps, random_start=True) if eps > 0 else None
-    settings = {"data": str(Path(dataset.root).resolve()), "arch": arch, "epochs": epochs, "eps": eps,
+    settings = {"data": str(Path(dataset.root).resolve()), "arch": arch, "epochs": epochs,
+                "adv_method": adv_method if eps > 0 else None, "eps": eps,
                 "step_size": step_size, "steps": steps, "random_start": True, "optimizer": "sgd", "lr": lr,
                 "momentum": momentum, "weight_decay": weight_decay, "batch_size": batch_size, "milestones": milestones,
                 "val": None if val is None else str(val), "val_size": val_size, "seed": seed,

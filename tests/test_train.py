@@ -256,3 +256,26 @@ def test_empty_class_keeps_its_label_in_the_model(tiny_data, tmp_path):
     assert summary["class_counts"] == [12, 12, 12, 0]
     with safe_open(str(tmp_path / "w" / "train" / "model.safetensors"), framework="pt") as fh:
         assert fh.metadata()["num_classes"] == "4"
+
+
+def test_fgsm_rs_trains_on_one_step_of_1_25_eps(tiny_data, tmp_path, monkeypatch):
+    calls = []
+    real = train_mod.pgd
+
+    def recording(model, x, y, **kwargs):
+        calls.append(kwargs)
+        return real(model, x, y, **kwargs)
+
+    monkeypatch.setattr(train_mod, "pgd", recording)
+    summary = train(tiny_data, workdir=tmp_path / "w", cache_dir=tmp_path / "c", seed=0, adv_method="fgsm-rs",
+                    **{**FAST, "steps": 7})
+    assert calls and all(c["steps"] == 1 and c["random_start"] for c in calls)
+    assert all(c["step_size"] == pytest.approx(1.25 * 8 / 255) and c["eps"] == pytest.approx(8 / 255)
+               for c in calls)
+    assert summary["settings"]["adv_method"] == "fgsm-rs" and summary["settings"]["steps"] == 1
+
+
+def test_unknown_adv_method_refused(tiny_data, tmp_path):
+    with pytest.raises(AablError, match="--adv-method"):
+        train(tiny_data, workdir=tmp_path / "w", cache_dir=tmp_path / "c", adv_method="cw", **FAST)
+    assert not (tmp_path / "w").exists()
