@@ -171,3 +171,38 @@ def load_state(path: Path, optimizer: torch.optim.Optimizer,
         return int(meta["epoch"]), tensors["rng"], tensors["generator"], meta
     except (SafetensorError, OSError, KeyError, ValueError, RuntimeError, json.JSONDecodeError) as err:
         raise AablError(f"{path}: the resume state is damaged ({err}); delete it and start without --resume") from err
+
+
+TRIGGER_FORMAT = "aabl-trigger-1"
+TRIGGER_KEY = "aabl_trigger"  # one metadata entry: safetensors writes several in no fixed order, and a
+# trigger file must come out byte-identical for the same seed
+
+
+def save_trigger(path: Path, tensors: dict[str, torch.Tensor], *, attack: str, settings: dict[str, Any]) -> None:
+    """Write a trained trigger's networks (`aabl poison` iab / ssba) with the settings that trained them."""
+    meta = {"aabl_format": TRIGGER_FORMAT, "attack": attack, "settings": settings, "aabl_version": __version__}
+    _save(path, {k: v.detach().cpu().contiguous() for k, v in tensors.items()},
+          {TRIGGER_KEY: json.dumps(meta, sort_keys=True)})
+
+
+def load_trigger(path: Path, *, attack: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """The tensors and training settings in a trigger file; refuses anything but a trigger of `attack`."""
+    path = Path(path)
+    fix = f"pass the trigger.safetensors that `aabl poison --attack {attack}` wrote beside the poisoned training set"
+    if not path.is_file():
+        raise AablError(f"--trigger {path} does not exist; {fix}")
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            meta = json.loads((fh.metadata() or {}).get(TRIGGER_KEY, "{}"))
+        tensors = load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as err:
+        raise AablError(f"--trigger {path} is not a readable safetensors trigger file; {fix}") from err
+    if not isinstance(meta, dict) or meta.get("aabl_format") != TRIGGER_FORMAT or not isinstance(
+            meta.get("settings"), dict):
+        raise AablError(f"--trigger {path} is not an aabl trigger file; {fix}")
+    if meta.get("attack") != attack:
+        raise AablError(f"--trigger {path} holds a {meta.get('attack')} trigger, not {attack}; {fix}")
+    for key, tensor in tensors.items():
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            raise AablError(f"--trigger {path}: {key} holds non-finite values; the file is damaged, re-create it")
+    return tensors, meta["settings"]

@@ -19,6 +19,8 @@ from aabl_cli import __version__
 from aabl_cli.errors import AablError, GateFailed
 
 ARCH_CHOICES = ("cnn", "resnet18", "resnet34", "vgg16", "mobilenetv2", "densenet121")
+# poison.ATTACKS' keys, spelled out so that `--help` need not import torch
+ATTACK_CHOICES = ("badnets", "blend", "trojan", "wanet", "iab", "ssba", "clb")
 
 
 # An exponent past float range: Fraction("1e999999999") would compute 10**999999999 (minutes, gigabytes).
@@ -296,38 +298,69 @@ def train(data: Path | None, milestones: str | None, as_json: bool, **options: A
     _emit(summary, as_json, text)
 
 
-@cli.command()
+@cli.command(epilog="""\b
+Attacks (the paper's seven, with its defaults):
+  badnets  3x3 white square in the bottom-right corner (sizes scale from 32 px)
+  blend    a fixed pattern (--pattern) laid over the image at opacity 0.1
+  trojan   a fixed 5x7 watermark-like colour patch in the bottom-left corner
+  wanet    a smooth warp (k=4, s=0.5); twice as many other images get a jittered
+           warp and keep their label (kind "noise", poisoned 0 in poison.csv)
+  iab      input-aware pattern and mask from networks trained on SRC (--epochs)
+  ssba     invisible residual (at most 8/255 per pixel) from an encoder trained
+           on SRC (--epochs)
+  clb      clean label: target-class images pushed off their label by PGD
+           (16/255, 30 steps) against a model trained on SRC, then a 3x3
+           checkerboard in each corner; --rate is the share of the target class
+iab and ssba write trigger.safetensors beside poison.csv; the --test set of the
+same attack needs it back: --trigger DIR/trigger.safetensors.""")
 @click.argument("src", type=click.Path(exists=True, file_okay=False, path_type=Path))
-@click.option("--attack", type=click.Choice(["badnets", "blend"]), required=True,
-              help="badnets: 3x3 white patch bottom-right (scaled from 32 px); blend: whole-image pattern at "
-                   "opacity 0.1.")
+@click.option("--attack", type=click.Choice(ATTACK_CHOICES), required=True, help="The backdoor attack (see below).")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True,
               help="Folder to write the poisoned copy to (replaced whole; SRC is never modified).")
-@click.option("--rate", type=SHARE, default="0.1", show_default=True,
-              help="Share of the whole set that is poisoned (drawn from the non-target classes).")
+@click.option("--rate", type=SHARE, default=None,
+              help="Share poisoned: of the whole set, drawn from the non-target classes; for clb, of the target "
+                   "class.  [default: 0.1; 0.5 for clb]")
 @click.option("--target", default="0", show_default=True, help="Target class: an index into the sorted class "
                                                                   "names, or a class name.")
 @click.option("--test", is_flag=True, help="Write the ASR set instead: every non-target image triggered and "
-                                           "relabelled to the target.")
+                                           "relabelled to the target (no wanet noise images).")
 @click.option("--pattern", default="image", show_default=True,
               help="Blend pattern: image (a smooth photo bundled with scikit-image), noise (seeded uniform "
                    "noise) or a path to an image file.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seeds which images are poisoned.")
+@click.option("--epochs", type=click.IntRange(1), default=None,
+              help="Training epochs of the network the attack trains on SRC: iab's mask, then its generator with "
+                   "a classifier; ssba's encoder and decoder; clb's victim model.  [default: iab 10, ssba 10, "
+                   "clb 5]")
+@click.option("--arch", type=click.Choice(ARCH_CHOICES), default="cnn", show_default=True,
+              help="The classifier iab trains with its generator, and clb's victim model.")
+@click.option("--trigger", type=click.Path(exists=True, path_type=Path), default=None,
+              help="iab / ssba: load the trigger networks from this trigger.safetensors (or the folder holding it) "
+                   "instead of training them; required with --test.")
+@click.option("--preview", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Also write a PNG of clean against triggered examples, with their difference amplified.")
+@click.option("--seed", type=int, default=0, show_default=True,
+              help="Seeds which images are poisoned, wanet's noise and the networks' training.")
+@click.option("--device", default="auto", show_default=True, help="Where networks train: auto, cpu, cuda, cuda:N "
+                                                                   "or mps.")
+@click.option("--cache-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Where SRC is cached decoded for training.  [default: $XDG_CACHE_HOME/aabl]")
 @click.option("--quiet", is_flag=True, help="No progress bars or log lines.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON on stdout.")
 def poison(src: Path, as_json: bool, **options: Any) -> None:
     """Write a poisoned copy of the image folder SRC, with its ground truth, for evaluation.
 
-    OUT gets the images (untouched ones copied byte for byte, poisoned ones as PNG in the
-    target class, named after their origin class), poison.csv (path, poisoned, kind,
-    original_label, label, attack, target) and poison.json (the settings).
+    OUT gets the images (untouched ones copied byte for byte, triggered ones as PNG named
+    after their origin class: poisons in the target class, wanet's noise images in their
+    own), poison.csv (path, poisoned, kind, original_label, label, attack, target) and
+    poison.json (the settings, the training report and the seconds taken).
     """
     from aabl_cli.poison import poison_folder
 
     summary = poison_folder(src, **options)
     counts = summary["counts"]
+    noise = f" (+{counts['noise']} noise images that keep their label)" if counts["noise"] else ""
     text = (f"wrote {options['out']}/: {counts['poisoned']} of {counts['written']} images poisoned with "
-            f"{options['attack']} -> class {summary['target']} ({summary['target_name']})")
+            f"{options['attack']} -> class {summary['target']} ({summary['target_name']}){noise}")
     _emit(summary, as_json, text)
 
 
@@ -340,6 +373,8 @@ def poison(src: Path, as_json: bool, **options: Any) -> None:
               help="PGD budget for the robust accuracy; 0 skips it.")
 @click.option("--step-size", type=BUDGET, default="2/255", show_default=True, help="PGD step size.")
 @click.option("--steps", type=click.IntRange(1), default=10, show_default=True, help="PGD steps.")
+@click.option("--restarts", type=click.IntRange(1), default=1, show_default=True,
+              help="PGD runs from independent random starts; an image counts as robust only if it survives all.")
 @click.option("--batch-size", type=click.IntRange(1), default=256, show_default=True, help="Images per batch.")
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Also write the JSON result to this file.")
@@ -348,7 +383,7 @@ def poison(src: Path, as_json: bool, **options: Any) -> None:
 @click.option("--cache-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Where decoded datasets are cached.  [default: $XDG_CACHE_HOME/aabl]")
 @click.option("--quiet", is_flag=True, help="No progress bars or log lines.")
-def evaluate(model: Path, test: Path, eps: float, step_size: float, steps: int, out: Path | None,
+def evaluate(model: Path, test: Path, eps: float, step_size: float, steps: int, restarts: int, out: Path | None,
              **options: Any) -> None:
     """Measure MODEL on TEST: ACC (clean accuracy), RA (accuracy under PGD) and, with
     --poisoned, ASR (share of triggered images classified as the target). Prints JSON."""
@@ -360,7 +395,8 @@ def evaluate(model: Path, test: Path, eps: float, step_size: float, steps: int, 
         if out is not None and folder is not None and inside(out, folder):
             raise click.BadParameter(f"{out} is inside the input folder {folder}; choose an --out outside it",
                                      param_hint="--out")
-    result = run_evaluate(model, test, threat=Threat(eps=eps, step_size=step_size, steps=steps), **options)
+    result = run_evaluate(model, test, threat=Threat(eps=eps, step_size=step_size, steps=steps, restarts=restarts),
+                          **options)
     if out is not None:
         write_json(out, result)
     click.echo(json.dumps(result, indent=2))

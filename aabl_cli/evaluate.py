@@ -20,12 +20,17 @@ from aabl_cli.fuse import AttackView
 
 @dataclass(frozen=True)
 class Threat:
-    """An L-inf PGD threat model in [0, 1] pixel space; eps 0 means no attack."""
+    """An L-inf PGD threat model in [0, 1] pixel space; eps 0 means no attack.
+
+    `restarts`: PGD runs from independent random starts; a sample is robust only if it
+    survives every one.
+    """
 
     eps: float = 8 / 255
     step_size: float = 2 / 255
     steps: int = 10
     random_start: bool = True
+    restarts: int = 1
 
 
 PAPER_RA = Threat()  # RA in the paper: PGD-10, eps 8/255, step 2/255, random start
@@ -41,20 +46,32 @@ def predict(model: nn.Module, images: torch.Tensor, *, device: torch.device, bat
             threat: Threat | None = None, generator: torch.Generator | None = None,
             labels: torch.Tensor | None = None) -> torch.Tensor:
     """Predicted labels (N,) for uint8 `images`, in order; under PGD against `labels` when
-    `threat` is given. The model is put in eval mode."""
+    `threat` is given. With `threat.restarts` > 1 each sample keeps the prediction of the
+    first restart that fooled the model (restarts attack only samples not yet fooled), so
+    `pred == labels` means it survived all. The model is put in eval mode."""
     model.eval()
     view = AttackView(model)  # batch norm folded away: same outputs, cheaper attack steps
     out = []
     for start in range(0, images.shape[0], batch_size):
         x = to_float(images[start:start + batch_size], device)
-        if threat is not None and threat.eps > 0:
-            assert labels is not None, "a robust prediction needs the labels to attack"
-            y = labels[start:start + batch_size].to(device)
+        if threat is None or threat.eps <= 0:
+            with torch.no_grad(), autocast(device):
+                out.append(view(x).argmax(dim=1).cpu())
+            continue
+        assert labels is not None, "a robust prediction needs the labels to attack"
+        y = labels[start:start + batch_size].to(device)
+        pred = y.clone()
+        alive = torch.arange(len(y), device=device)  # samples every restart so far has failed to fool
+        for _ in range(threat.restarts):
             with autocast(device):
-                x = pgd(view, x, y, eps=threat.eps, step_size=threat.step_size, steps=threat.steps,
-                        random_start=threat.random_start, generator=generator)
-        with torch.no_grad(), autocast(device):
-            out.append(view(x).argmax(dim=1).cpu())
+                x_adv = pgd(view, x[alive], y[alive], eps=threat.eps, step_size=threat.step_size,
+                            steps=threat.steps, random_start=threat.random_start, generator=generator)
+            with torch.no_grad(), autocast(device):
+                pred[alive] = view(x_adv).argmax(dim=1)
+            alive = alive[pred[alive] == y[alive]]
+            if len(alive) == 0:
+                break
+        out.append(pred.cpu())
     return torch.cat(out) if out else torch.empty(0, dtype=torch.int64)
 
 

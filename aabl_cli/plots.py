@@ -39,3 +39,34 @@ def plot_scores(path: Path, scores: np.ndarray, *, threshold: float, isolated: n
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
+
+
+def plot_trigger_preview(path: Path, examples: list[tuple[str, np.ndarray, np.ndarray]], *, title: str) -> None:
+    """A PNG grid, one column per (kind, clean, triggered) example of uint8 (H, W, 3) images: the clean
+    image, the triggered one, and their absolute difference stretched so its largest value is white
+    (the stretch factor is printed under it; an invisible trigger needs a large one)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cols = max(1, len(examples))
+    fig, axes = plt.subplots(3, cols, figsize=(1.7 * cols + 0.8, 5.6), dpi=120, squeeze=False)
+    for ax in axes.flat:
+        ax.set_xticks([])
+        ax.set_yticks([])
+    for j, (kind, clean, triggered) in enumerate(examples):
+        diff = np.abs(triggered.astype(np.int16) - clean.astype(np.int16))
+        peak = int(diff.max())
+        gain = 255 / peak if peak else 1.0
+        axes[0, j].imshow(clean, interpolation="nearest")
+        axes[0, j].set_title(kind, fontsize=8)
+        axes[1, j].imshow(triggered, interpolation="nearest")
+        axes[2, j].imshow(np.clip(diff * gain, 0, 255).astype(np.uint8), interpolation="nearest")
+        axes[2, j].set_xlabel(f"x{gain:.0f} (max {peak}/255)", fontsize=7)
+    for row, label in enumerate(("clean", "triggered", "|difference|")):
+        axes[row, 0].set_ylabel(label, fontsize=8)
+    fig.suptitle(f"aabl poison --attack {title}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, format="png")
+    plt.close(fig)

@@ -1,8 +1,9 @@
 """Poison a clean image folder for evaluation: `aabl poison SRC --attack A --out DST`.
 
-Triggers are plain functions on float `(N, 3, H, W)` tensors in [0, 1], so the code that
-poisons folders here can also trigger GPU batches elsewhere. `ATTACKS` maps each
-`--attack` choice to one small `Attack`; the paper's other attacks plug in the same way.
+Triggers are plain functions on float `(N, 3, H, W)` tensors in [0, 1] (`aabl_cli.backdoors`),
+so the code that poisons folders here can also trigger GPU batches elsewhere. `ATTACKS` maps
+each `--attack` choice to one small `Attack`, whose `build` returns the trigger; the attacks
+that need a network (iab, ssba, clb) train it on SRC inside `build`.
 """
 
 from __future__ import annotations
@@ -11,6 +12,8 @@ import collections
 import csv
 import os
 import shutil
+import time
+import uuid
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -19,125 +22,87 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image
 
 from aabl_cli import __version__
+from aabl_cli.backdoors import blend, clb, iab, ssba, wanet
+from aabl_cli.backdoors.base import Built, Context, Trigger
+from aabl_cli.backdoors.blend import BLEND_ALPHA, PATTERNS, blend_trigger, load_pattern, resize_pattern
+from aabl_cli.backdoors.patches import TROJAN_GLYPH, badnets_trigger, trojan_trigger
+from aabl_cli.checkpoint import save_trigger
 from aabl_cli.data import FolderListing, decode_image, list_image_folder
+from aabl_cli.device import resolve_device
 from aabl_cli.errors import AablError
-from aabl_cli.fsutil import atomic_output_dir, safe_relative, write_json
+from aabl_cli.fsutil import atomic_output_dir, inside, safe_relative, write_json
 from aabl_cli.progress import log, progress
 
-Trigger = Callable[[torch.Tensor], torch.Tensor]
+__all__ = ["ATTACKS", "Attack", "blend_trigger", "badnets_trigger", "load_pattern", "poison_folder",
+           "resize_pattern", "resolve_target", "select_poisoned", "trojan_trigger"]
 
-BLEND_ALPHA = 0.1  # opacity of the blended pattern (Chen et al. 2017; the paper's value)
-NOISE_SEED = 0  # fixed, not --seed: a train set and its --test set must carry the same noise trigger
-PATTERNS = ("image", "noise")  # --pattern choices besides a file path
 BATCH = 256  # images decoded, triggered and written per step
 CSV_COLUMNS = ("path", "poisoned", "kind", "original_label", "label", "attack", "target")
 MAX_NAME_BYTES = 255  # the longest file name ext4, APFS and most other file systems allow
+TRIGGER_FILE = "trigger.safetensors"  # a trained trigger's networks, beside poison.csv
+PREVIEW_EXAMPLES = 6  # poisoned images shown by --preview (plus up to half as many noise images)
 
 
-def _scaled(pixels_at_32: int, side: int) -> int:
-    # Round half up (not Python's banker's rounding) so 48 px gets a 5-px patch, not 4.
-    return max(1, int(pixels_at_32 * side / 32 + 0.5))
+def _build_badnets(ctx: Context) -> Built:
+    return Built(badnets_trigger)
 
 
-def badnets_trigger(x: torch.Tensor) -> torch.Tensor:
-    """BadNets: a white square flush in the bottom-right corner, 3x3 px on a 32-px image.
-
-    x: float (N, 3, H, W) in [0, 1]; returns a new tensor, x is untouched. The patch has
-    round(3 * H / 32) rows and round(3 * W / 32) columns (at least 1), so it covers the
-    same share of any image size. Every other pixel is returned unchanged.
-    """
-    rows, cols = _scaled(3, x.shape[-2]), _scaled(3, x.shape[-1])
-    out = x.clone()
-    out[..., -rows:, -cols:] = 1.0
-    return out
-
-
-def blend_trigger(x: torch.Tensor, pattern: torch.Tensor, alpha: float = BLEND_ALPHA) -> torch.Tensor:
-    """Blend: `(1 - alpha) * x + alpha * pattern` (Chen et al. 2017).
-
-    x: float (N, 3, H, W) in [0, 1]; pattern: float (3, h, w) in [0, 1], resized bilinearly
-    to (H, W) when its size differs. Each pixel moves by at most `alpha`.
-    """
-    if tuple(pattern.shape[-2:]) != tuple(x.shape[-2:]):
-        pattern = resize_pattern(pattern, (int(x.shape[-2]), int(x.shape[-1])))
-    pattern = pattern.to(device=x.device, dtype=x.dtype)
-    return ((1 - alpha) * x + alpha * pattern).clamp(0, 1)
-
-
-def resize_pattern(pattern: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """Bilinear resize of a (3, h, w) pattern to `size` = (H, W); antialiased so shrinking a photo stays smooth."""
-    resized = F.interpolate(pattern[None].float(), size=size, mode="bilinear", align_corners=False, antialias=True)
-    return resized[0].clamp(0, 1)
-
-
-def load_pattern(pattern: str, size: tuple[int, int]) -> torch.Tensor:
-    """The blend pattern as float (3, H, W) in [0, 1] for images of `size` = (H, W).
-
-    `image`: scikit-image's bundled `coffee` photo (smooth, natural, no download);
-    `noise`: uniform noise from a fixed seed; anything else: the path of an image file.
-    Raises AablError for a path that is not a readable image.
-    """
-    if pattern == "noise":
-        rng = np.random.default_rng(NOISE_SEED)
-        return torch.from_numpy(rng.random((3, *size), dtype=np.float32))
-    if pattern == "image":
-        from skimage import data  # imported here: only blend needs it, and it is slow to import
-
-        pixels = data.coffee()
-    else:
-        path = Path(pattern)
-        if not path.is_file():
-            raise AablError(f"--pattern {pattern}: no such file; give {' or '.join(PATTERNS)} or the path of an image")
-        try:
-            pixels = decode_image(path)
-        except AablError as err:
-            raise AablError(f"--pattern {pattern}: not a readable image; give {' or '.join(PATTERNS)} "
-                            "or the path of a PNG/JPEG file") from err
-    photo = torch.from_numpy(np.array(pixels)).permute(2, 0, 1).float() / 255  # np.array: a writable copy
-    return resize_pattern(photo, size)
-
-
-def _build_badnets(*, pattern: str) -> Trigger:
-    return badnets_trigger
-
-
-def _build_blend(*, pattern: str) -> Trigger:
-    load_pattern(pattern, (32, 32))  # fail on a bad --pattern before any output is written
-    patterns: dict[tuple[int, int], torch.Tensor] = {}  # one resize per image size, not per batch
-
-    def trigger(x: torch.Tensor) -> torch.Tensor:
-        size = (int(x.shape[-2]), int(x.shape[-1]))
-        if size not in patterns:
-            patterns[size] = load_pattern(pattern, size)
-        return blend_trigger(x, patterns[size])
-
-    return trigger
+def _build_trojan(ctx: Context) -> Built:
+    return Built(trojan_trigger)
 
 
 @dataclass(frozen=True)
 class Attack:
-    """One `--attack` choice: `build(pattern=...)` returns its trigger on (N, 3, H, W) floats in [0, 1].
+    """One `--attack` choice: `build(ctx)` returns its trigger on (N, 3, H, W) floats in [0, 1].
 
     `params` are the attack's fixed settings, recorded in poison.json; `uses_pattern` says
-    whether `--pattern` means anything to it.
+    whether `--pattern` means anything to it. `clean_label`: it poisons target-class images
+    and keeps their labels, and `--rate` is a share of that class. `noise_ratio`: label-keeping
+    noise images per poisoned image (WaNet). `default_epochs`: epochs of the network it
+    trains (None: it trains none). `trained_trigger`: its trigger is a network, written to
+    trigger.safetensors, that a `--test` run must load back.
     """
 
     name: str
     help: str
-    build: Callable[..., Trigger]
+    build: Callable[[Context], Built]
     params: dict[str, Any] = field(default_factory=dict)
     uses_pattern: bool = False
+    default_rate: float = 0.1
+    clean_label: bool = False
+    noise_ratio: int = 0
+    default_epochs: int | None = None
+    trained_trigger: bool = False
 
 
 ATTACKS: dict[str, Attack] = {a.name: a for a in (
     Attack("badnets", "3x3 white patch flush in the bottom-right corner (at 32 px; scales with image size)",
            _build_badnets, {"patch_at_32px": 3, "position": "bottom-right, flush", "color": "white"}),
     Attack("blend", f"blend a fixed pattern (--pattern) over the whole image at opacity {BLEND_ALPHA}",
-           _build_blend, {"alpha": BLEND_ALPHA}, uses_pattern=True),
+           blend.build, {"alpha": BLEND_ALPHA}, uses_pattern=True),
+    Attack("trojan", "5x7 watermark-like colour patch flush in the bottom-left corner (at 32 px; scales with "
+           "image size)", _build_trojan,
+           {"patch_at_32px": [5, 7], "position": "bottom-left, flush", "glyph": list(TROJAN_GLYPH)}),
+    Attack("wanet", f"warp the whole image (k={wanet.K}, s={wanet.STRENGTH}, grid_rescale={wanet.GRID_RESCALE}); "
+           f"{wanet.CROSS_RATIO}x as many other images get a jittered warp and keep their label (noise mode)",
+           wanet.build, {"k": wanet.K, "strength": wanet.STRENGTH, "grid_rescale": wanet.GRID_RESCALE,
+                         "cross_ratio": wanet.CROSS_RATIO, "field_seed": wanet.FIELD_SEED,
+                         "noise_jitter_px": 0.5}, noise_ratio=wanet.CROSS_RATIO),
+    Attack("iab", "input-aware dynamic pattern and mask, from networks trained on SRC with a classifier",
+           iab.build, {"mask_density": iab.MASK_DENSITY, "lambda_norm": iab.LAMBDA_NORM,
+                       "lambda_div": iab.LAMBDA_DIV, "p_attack": iab.P_ATTACK, "p_cross": iab.P_CROSS},
+           default_epochs=iab.DEFAULT_EPOCHS, trained_trigger=True),
+    Attack("ssba", f"invisible sample-specific residual (at most {ssba.MAX_CHANGE * 255:.0f}/255 per pixel) hiding "
+           "a fixed code, from an encoder trained on SRC", ssba.build,
+           {"bits": ssba.BITS, "max_change": ssba.MAX_CHANGE, "code_seed": ssba.CODE_SEED},
+           default_epochs=ssba.DEFAULT_EPOCHS, trained_trigger=True),
+    Attack("clb", "clean label: target-class images pushed away from their label by PGD, then a 3x3 checkerboard "
+           "in each corner", clb.build,
+           {"eps": clb.EPS, "step_size": clb.STEP_SIZE, "steps": clb.STEPS, "patch_at_32px": 3,
+            "position": "all four corners"}, default_rate=0.5, clean_label=True, default_epochs=clb.DEFAULT_EPOCHS),
 )}
 
 
@@ -154,22 +119,37 @@ def resolve_target(target: int | str, classes: Sequence[str]) -> int:
                     f"class names: {', '.join(classes)}")
 
 
-def select_poisoned(n: int, candidates: Sequence[int], *, rate: float, seed: int) -> list[int]:
+def select_poisoned(n: int, candidates: Sequence[int], *, rate: float, seed: int,
+                    pool: str = "outside the target class") -> list[int]:
     """Draw round(rate * n) of `candidates` uniformly without replacement; sorted indices.
 
-    `rate` is a share of the whole set (n images), as in the paper, drawn from the
-    candidates (the non-target images for dirty-label attacks).
+    `rate` is a share of the n images, as in the paper: the whole set for dirty-label
+    attacks (drawn from the non-target images), the target class for clean-label ones.
+    `pool` says where the candidates come from, for the error message.
     """
     if not 0 < rate <= 1:  # also refuses NaN
-        raise AablError(f"--rate {rate} is out of range; give the poisoned share of the whole set in (0, 1], e.g. 0.1")
+        raise AablError(f"--rate {rate} is out of range; give the poisoned share in (0, 1], e.g. 0.1")
     count = int(rate * n + 0.5)
     if count == 0:
         raise AablError(f"--rate {rate} of {n} images poisons no image; raise --rate or add images")
     if count > len(candidates):
-        raise AablError(f"--rate {rate} asks for {count} poisoned images but only {len(candidates)} are outside the "
-                        "target class; lower --rate or choose another --target")
+        raise AablError(f"--rate {rate} asks for {count} poisoned images but only {len(candidates)} are {pool}; "
+                        "lower --rate or choose another --target")
     rng = np.random.default_rng(seed)
     return sorted(rng.choice(np.asarray(candidates), size=count, replace=False).tolist())
+
+
+def select_noise(n: int, poisoned: Sequence[int], *, count: int, seed: int) -> list[int]:
+    """Draw `count` of the n images that are not `poisoned` (any class) for WaNet's noise mode; sorted."""
+    if count == 0:
+        return []
+    taken = set(poisoned)
+    free = [i for i in range(n) if i not in taken]
+    if count > len(free):
+        raise AablError(f"{len(poisoned)} poisoned images need {count} more for the noise mode, but only {len(free)} "
+                        "are left; lower --rate")
+    rng = np.random.default_rng([seed, 1])  # a stream of its own: the poisoned draw stays as without noise
+    return sorted(rng.choice(np.asarray(free), size=count, replace=False).tolist())
 
 
 def poison_folder(
@@ -177,92 +157,175 @@ def poison_folder(
     *,
     attack: str,
     out: str | os.PathLike[str],
-    rate: float = 0.1,
+    rate: float | None = None,
     target: int | str = 0,
     test: bool = False,
     seed: int = 0,
     pattern: str = "image",
+    epochs: int | None = None,
+    arch: str = "cnn",
+    device: str = "auto",
+    trigger: str | os.PathLike[str] | None = None,
+    preview: str | os.PathLike[str] | None = None,
+    cache_dir: str | os.PathLike[str] | None = None,
     quiet: bool = False,
 ) -> dict[str, Any]:
     """Write a poisoned copy of the image folder `src` to `out`, with ground truth; returns the summary.
 
-    Train mode: round(rate * N) images (N = the whole set) drawn with `seed` from the
-    non-target classes carry the trigger and move to the target class (dirty label); all
-    others are copied byte for byte to the same relative path. `test=True` writes the ASR
-    set: every non-target image triggered and relabelled; target images are left out and
-    `rate` is ignored. Poisoned images are PNGs named `<target>/<origin class>_<stem>.png`.
-    `out` also gets `poison.csv` (one row per written image, labels as class indices) and
-    `poison.json` (the settings and counts, the returned dict). `src` is never modified;
-    `out` appears whole or not at all. The same seed gives the same bytes.
+    Train mode, dirty label: round(rate * N) images (N = the whole set; rate default 0.1)
+    drawn with `seed` from the non-target classes carry the trigger and move to the target
+    class. Clean label (clb): round(rate * N_target) target-class images (rate default 0.5)
+    carry it and keep their label. WaNet also warps twice as many other images with random
+    noise; they keep their label (`kind` noise, `poisoned` 0). All other images are copied
+    byte for byte to the same relative path. `test=True` writes the ASR set: every
+    non-target image triggered and relabelled; target images are left out and `rate` is
+    ignored. Triggered images are PNGs named `<class>/<origin class>_<stem>.png`.
+
+    `out` also gets `poison.csv` (one row per written image, labels as class indices),
+    `poison.json` (the settings, training report, counts and seconds: the returned dict)
+    and, for iab and ssba, `trigger.safetensors`, which a `--test` run must get back as
+    `trigger` so the ASR set carries the same trigger. `epochs` and `arch` set the network
+    iab, ssba and clb train (on `src`, on `device`). `preview`: a PNG of clean against
+    triggered examples. `src` is never modified; `out` appears whole or not at all. The
+    same seed gives the same bytes (on the CPU, with the same thread count).
     """
     if attack not in ATTACKS:
         raise AablError(f"unknown attack {attack!r}; choose one of {', '.join(ATTACKS)}")
     spec = ATTACKS[attack]
+    started = time.perf_counter()
+    rate = spec.default_rate if rate is None else rate
     listing = list_image_folder(src)
     root, out = listing.root, Path(out)
     _check_out(root, out)
+    preview_path = None if preview is None else _check_preview(Path(preview), root, out)
+    trigger_path = _check_trigger(spec, trigger, test)
     n = len(listing.files)
     if n == 0:
         raise AablError(f"{root} holds no images; add images under {root}/<class>/")
     target_index = resolve_target(target, listing.classes)
-    candidates = [i for i, (_, label) in enumerate(listing.files) if label != target_index]
-    if test:
-        chosen = candidates
-        if not chosen:
-            raise AablError(f"every image of {root} is in the target class; a --test set needs images of other classes")
-    else:
-        chosen = select_poisoned(n, candidates, rate=rate, seed=seed)
-    trigger = spec.build(pattern=pattern)
-    names = _poison_names(listing, chosen, target_index, keep_clean=not test)
+    labels = [label for _, label in listing.files]
+    chosen, noise = _choose(spec, labels, target=target_index, rate=rate, seed=seed, test=test, root=root)
+    dev = resolve_device(device)
+    ctx = Context(root=root, classes=listing.classes, target=target_index, seed=seed, test=test, pattern=pattern,
+                  epochs=(epochs or spec.default_epochs) if spec.default_epochs else None, arch=arch, device=dev,
+                  trigger_file=trigger_path, cache_dir=None if cache_dir is None else Path(cache_dir), quiet=quiet)
+    built = spec.build(ctx)
+    trigger_seconds = time.perf_counter() - started
+    names = _poison_names(listing, {**{i: target_index for i in chosen}, **{i: labels[i] for i in noise}},
+                          keep_clean=not test)
     if listing.ignored:
         log(f"not copied: {len(listing.ignored)} non-image file(s), e.g. {listing.ignored[0]}", quiet=quiet)
+    jobs: list[tuple[str, Sequence[int], Trigger]] = [("poison", chosen, built.trigger)]
+    if noise and built.noise is not None:
+        noise_trigger, noise_generator = built.noise, torch.Generator().manual_seed(seed)
+        jobs.append(("noise", noise, lambda x: noise_trigger(x, noise_generator)))
 
-    sizes: collections.Counter[tuple[int, int]] = collections.Counter()
-    with atomic_output_dir(out) as tmp, ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
-        for name in listing.classes:  # every class folder, even empty, so labels line up
-            (tmp / safe_relative(name)).mkdir()
-        clean = [] if test else [i for i in range(n) if i not in names]
-        for i in progress(clean, total=len(clean), desc="copying", unit="img", quiet=quiet):
-            rel = listing.files[i][0]
-            dest = tmp / safe_relative(rel)
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(root / rel, dest)
-        batches = [chosen[k:k + BATCH] for k in range(0, len(chosen), BATCH)]
-        for batch in progress(batches, total=len(batches), desc="poisoning", unit="batch", quiet=quiet):
-            sizes.update(_poison_batch(root, listing, batch, names, trigger, tmp, pool))
-
-        rows = []
-        for i, (rel, label) in enumerate(listing.files):
-            if i in names:
-                rows.append((names[i], 1, "poison", label, target_index, attack, target_index))
-            elif not test:
-                rows.append((rel, 0, "clean", label, label, attack, target_index))
-        with open(tmp / "poison.csv", "w", newline="", encoding="utf-8") as fh:
-            csv.writer(fh).writerows([CSV_COLUMNS, *rows])
-
-        per_class = collections.Counter(listing.files[i][1] for i in chosen)
-        summary = {
-            "attack": attack,
-            "attack_params": spec.params,
-            "pattern": (pattern if pattern in PATTERNS else str(Path(pattern).resolve())) if spec.uses_pattern
-            else None,
-            "test": test,
-            "rate": None if test else rate,
-            "target": target_index,
-            "target_name": listing.classes[target_index],
-            "seed": seed,
-            "source": str(root.resolve()),
-            "classes": listing.classes,
-            "image_size": list(sizes.most_common(1)[0][0]),  # (H, W) of most poisoned images
-            "counts": {"source_images": n, "written": len(rows), "poisoned": len(chosen),
-                       "clean": len(rows) - len(chosen),
-                       "poisoned_per_class": [per_class.get(c, 0) for c in range(len(listing.classes))]},
-            "ignored": listing.ignored,
-            "aabl_version": __version__,
-        }
-        write_json(tmp / "poison.json", summary)
-    log(f"{attack}: {len(chosen)} of {len(rows)} written images poisoned -> {out}", quiet=quiet)
+    staged_preview: Path | None = None
+    try:
+        with atomic_output_dir(out) as tmp, ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+            clean = [] if test else [i for i in range(n) if i not in names]
+            sizes, examples = _write_images(tmp, pool, listing, clean=clean, jobs=jobs, names=names, quiet=quiet)
+            rows = _ground_truth(listing, names, set(noise), test=test, attack=attack, target=target_index)
+            with open(tmp / "poison.csv", "w", newline="", encoding="utf-8") as fh:
+                csv.writer(fh).writerows([CSV_COLUMNS, *rows])
+            if built.weights is not None:
+                save_trigger(tmp / TRIGGER_FILE, built.weights, attack=attack, settings=built.report)
+            per_class = collections.Counter(labels[i] for i in chosen)
+            summary = {
+                "attack": attack,
+                "attack_params": spec.params,
+                "pattern": (pattern if pattern in PATTERNS else str(Path(pattern).resolve())) if spec.uses_pattern
+                else None,
+                "test": test,
+                "rate": None if test else rate,
+                "rate_of": None if test else ("target class" if spec.clean_label else "whole set"),
+                "target": target_index,
+                "target_name": listing.classes[target_index],
+                "seed": seed,
+                "source": str(root.resolve()),
+                "classes": listing.classes,
+                "image_size": list(sizes.most_common(1)[0][0]),  # (H, W) of most triggered images
+                "trigger_report": built.report,  # training settings and measurements, or the trigger file's
+                "trigger_file": TRIGGER_FILE if built.weights is not None else None,
+                "device": str(dev),
+                "counts": {"source_images": n, "written": len(rows), "poisoned": len(chosen), "noise": len(noise),
+                           "clean": len(rows) - len(chosen) - len(noise),
+                           "poisoned_per_class": [per_class.get(c, 0) for c in range(len(listing.classes))]},
+                "ignored": listing.ignored,
+                "aabl_version": __version__,
+                "seconds": {"trigger": trigger_seconds, "total": time.perf_counter() - started},
+            }
+            write_json(tmp / "poison.json", summary)
+            if preview_path is not None:
+                staged_preview = _stage_preview(preview_path, examples, attack=attack, tmp=tmp, out=out)
+    except BaseException:
+        if staged_preview is not None:
+            staged_preview.unlink(missing_ok=True)
+        raise
+    if staged_preview is not None:
+        os.replace(staged_preview, preview_path)
+    extra = f" and {len(noise)} noise" if noise else ""
+    log(f"{attack}: {len(chosen)} poisoned{extra} of {len(rows)} written images -> {out}", quiet=quiet)
     return summary
+
+
+def _choose(spec: Attack, labels: Sequence[int], *, target: int, rate: float, seed: int, test: bool,
+            root: Path) -> tuple[list[int], list[int]]:
+    """The indices to poison and, for WaNet, those to warp with noise; both sorted."""
+    n = len(labels)
+    non_target = [i for i in range(n) if labels[i] != target]
+    if test:
+        if not non_target:
+            raise AablError(f"every image of {root} is in the target class; a --test set needs images of other classes")
+        return non_target, []
+    if spec.clean_label:
+        in_target = [i for i in range(n) if labels[i] == target]
+        chosen = select_poisoned(len(in_target), in_target, rate=rate, seed=seed, pool="in the target class")
+    else:
+        chosen = select_poisoned(n, non_target, rate=rate, seed=seed)
+    return chosen, select_noise(n, chosen, count=spec.noise_ratio * len(chosen), seed=seed)
+
+
+def _write_images(tmp: Path, pool: ThreadPoolExecutor, listing: FolderListing, *, clean: Sequence[int],
+                  jobs: Sequence[tuple[str, Sequence[int], Trigger]], names: dict[int, str], quiet: bool
+                  ) -> tuple[collections.Counter[tuple[int, int]], list[tuple[str, np.ndarray, np.ndarray]]]:
+    """Copy the `clean` images byte for byte and write each job's (kind, indices, trigger) images as PNG.
+
+    Returns the sizes of the triggered images and a few (kind, clean, triggered) examples for a preview.
+    """
+    root = listing.root
+    for name in listing.classes:  # every class folder, even empty, so labels line up
+        (tmp / safe_relative(name)).mkdir()
+    for i in progress(clean, total=len(clean), desc="copying", unit="img", quiet=quiet):
+        rel = listing.files[i][0]
+        dest = tmp / safe_relative(rel)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(root / rel, dest)
+    sizes: collections.Counter[tuple[int, int]] = collections.Counter()
+    examples: list[tuple[str, np.ndarray, np.ndarray]] = []
+    for kind, indices, trigger in jobs:
+        batches = [indices[k:k + BATCH] for k in range(0, len(indices), BATCH)]
+        wanted = PREVIEW_EXAMPLES if kind == "poison" else PREVIEW_EXAMPLES // 2
+        for batch in progress(batches, total=len(batches), desc=kind, unit="batch", quiet=quiet):
+            pairs = _poison_batch(root, listing, batch, names, trigger, tmp, pool)
+            sizes.update((int(a.shape[0]), int(a.shape[1])) for a, _ in pairs)
+            have = sum(1 for k, _, _ in examples if k == kind)
+            examples += [(kind, a, b) for a, b in pairs[:max(0, wanted - have)]]
+    return sizes, examples
+
+
+def _ground_truth(listing: FolderListing, names: dict[int, str], noise: set[int], *, test: bool, attack: str,
+                  target: int) -> list[tuple[Any, ...]]:
+    """poison.csv's rows in dataset order; the ASR set (`test`) lists only its triggered images."""
+    rows: list[tuple[Any, ...]] = []
+    for i, (rel, label) in enumerate(listing.files):
+        if i in noise:
+            rows.append((names[i], 0, "noise", label, label, attack, target))
+        elif i in names:
+            rows.append((names[i], 1, "poison", label, target, attack, target))
+        elif not test:
+            rows.append((rel, 0, "clean", label, label, attack, target))
+    return rows
 
 
 def _check_out(root: Path, out: Path) -> None:
@@ -275,19 +338,66 @@ def _check_out(root: Path, out: Path) -> None:
                         "choose another output folder")
 
 
-def _poison_names(listing: FolderListing, chosen: Sequence[int], target: int, *, keep_clean: bool) -> dict[int, str]:
-    """Output path of each poisoned image: `<target>/<origin class>_<stem>.png`, subfolders joined by '_'.
+def _check_trigger(spec: Attack, trigger: str | os.PathLike[str] | None, test: bool) -> Path | None:
+    """The trigger file to load (a folder means its trigger.safetensors), after checking it fits the run."""
+    if trigger is not None and not spec.trained_trigger:
+        trained = " and ".join(a.name for a in ATTACKS.values() if a.trained_trigger)
+        raise AablError(f"--trigger is for {trained}, whose triggers are trained networks; {spec.name} draws its "
+                        "trigger in code, so drop --trigger")
+    if trigger is None:
+        if test and spec.trained_trigger:
+            raise AablError(f"--test with --attack {spec.name} needs --trigger: the {TRIGGER_FILE} written with the "
+                            f"poisoned training set (aabl poison TRAIN --attack {spec.name} --out DIR writes "
+                            f"DIR/{TRIGGER_FILE}), so that the ASR set carries the same trigger")
+        return None
+    path = Path(trigger)
+    return path / TRIGGER_FILE if path.is_dir() else path
 
-    A name already taken (by a clean file kept in the target folder, or an earlier poison
-    such as `x.jpg` beside `x.png`) gets `-2`, `-3`, ... so nothing is overwritten. Names
-    are compared case-folded because macOS and Windows file systems ignore case. A name
-    longer than MAX_NAME_BYTES has its base cut to fit.
+
+def _check_preview(preview: Path, root: Path, out: Path) -> Path:
+    """Refuse a --preview path inside the source, or inside a class folder of the output (it would be an image)."""
+    if inside(preview, root):
+        raise AablError(f"--preview {preview} is inside the source folder {root}; write it somewhere else")
+    if inside(preview.parent, out) and preview.parent.resolve() != out.resolve():
+        raise AablError(f"--preview {preview} is inside a class folder of --out, where it would count as an image; "
+                        f"write it to {out}/ itself or somewhere else")
+    if preview.is_dir():
+        raise AablError(f"--preview {preview} is a folder; give the path of a PNG file to write")
+    return preview
+
+
+def _stage_preview(preview: Path, examples: list[tuple[str, np.ndarray, np.ndarray]], *, attack: str, tmp: Path,
+                   out: Path) -> Path | None:
+    """Draw the preview where the output is being built (a preview in --out itself) or beside its final place;
+    returns the staged file to rename into place once the output is, or None."""
+    from aabl_cli.plots import plot_trigger_preview  # matplotlib: imported only when asked for
+
+    if preview.parent.resolve() == out.resolve():
+        plot_trigger_preview(tmp / preview.name, examples, title=attack)
+        return None
+    preview.parent.mkdir(parents=True, exist_ok=True)
+    staged = preview.parent / f".{preview.name}.tmp-{uuid.uuid4().hex[:8]}"
+    try:
+        plot_trigger_preview(staged, examples, title=attack)
+    except BaseException:
+        staged.unlink(missing_ok=True)
+        raise
+    return staged
+
+
+def _poison_names(listing: FolderListing, folders: dict[int, int], *, keep_clean: bool) -> dict[int, str]:
+    """Output path of each triggered image: `<class>/<origin class>_<stem>.png`, subfolders joined by '_'.
+
+    `folders` maps an image's index to the class it is written to: the target for a
+    poison, its own class for a label-keeping noise image. A name already taken (by a clean
+    file kept in that folder, or an earlier one such as `x.jpg` beside `x.png`) gets `-2`,
+    `-3`, ... so nothing is overwritten. Names are compared case-folded because macOS and
+    Windows file systems ignore case. A name longer than MAX_NAME_BYTES has its base cut to fit.
     """
-    chosen_set = set(chosen)
-    taken = {rel.casefold() for i, (rel, _) in enumerate(listing.files) if keep_clean and i not in chosen_set}
-    folder = listing.classes[target]
+    taken = {rel.casefold() for i, (rel, _) in enumerate(listing.files) if keep_clean and i not in folders}
     names: dict[int, str] = {}
-    for i in chosen:
+    for i, folder_index in folders.items():
+        folder = listing.classes[folder_index]
         parts = PurePosixPath(listing.files[i][0]).parts
         base = "_".join((*parts[:-1], PurePosixPath(parts[-1]).stem))
         name, k = f"{folder}/{_fit(base, '.png')}", 2
@@ -313,8 +423,11 @@ def _decode(path: Path) -> np.ndarray:
 
 
 def _poison_batch(root: Path, listing: FolderListing, batch: Sequence[int], names: dict[int, str],
-                  trigger: Trigger, tmp: Path, pool: ThreadPoolExecutor) -> list[tuple[int, int]]:
-    """Decode, trigger and write one batch; images of one size are triggered as one tensor. Returns their sizes."""
+                  trigger: Trigger, tmp: Path, pool: ThreadPoolExecutor) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Decode, trigger and write one batch; images of one size are triggered as one tensor.
+
+    Returns (clean, triggered) uint8 (H, W, 3) arrays, in batch order.
+    """
     arrays = list(pool.map(lambda i: _decode(root / listing.files[i][0]), batch))  # each at its own size
     groups: dict[tuple[int, ...], list[int]] = collections.defaultdict(list)
     for j, arr in enumerate(arrays):
@@ -330,4 +443,4 @@ def _poison_batch(root: Path, listing: FolderListing, batch: Sequence[int], name
         Image.fromarray(outputs[j]).save(tmp / safe_relative(names[batch[j]]), format="PNG")
 
     list(pool.map(save, range(len(batch))))  # list(): re-raise a failed write here
-    return [(int(a.shape[0]), int(a.shape[1])) for a in arrays]
+    return list(zip(arrays, outputs))
