@@ -66,6 +66,12 @@ def score_samples(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, 
     return {k: torch.cat(v).cpu().numpy() if v else np.empty(0) for k, v in out.items()}
 
 
+def _score_batch(batch_size: int, device: torch.device) -> int:
+    """Scoring batch: larger on a GPU (throughput); on the CPU the training batch, whose
+    activations the host already held, so scoring raises no memory peak of its own."""
+    return max(batch_size, 256) if device.type == "cuda" else batch_size
+
+
 def write_scores(path: Path, dataset: ImageDataset, scores: dict[str, np.ndarray]) -> None:
     with open(path, "w", newline="") as fh:
         writer = csv.writer(fh)
@@ -136,7 +142,7 @@ def scan(data: str | Path, *, workdir: str | Path = "aabl-out", arch: str = "res
         shutil.copyfile(model, partial / "model.safetensors")  # the scoring model, as it was given
     t0 = time.time()
     scores = score_samples(net, images, labels, device=dev, eps=eps, step_size=step_size, steps=steps,
-                           alpha=alpha, beta=beta, batch_size=max(batch_size, 256), quiet=quiet)
+                           alpha=alpha, beta=beta, batch_size=_score_batch(batch_size, dev), quiet=quiet)
     score_seconds = time.time() - t0
     log(f"scan: scored {len(dataset)} images with iFGSM in {score_seconds:.1f} s", quiet=quiet)
     if not np.isfinite(scores["score"]).all():

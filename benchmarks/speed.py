@@ -1,0 +1,262 @@
+"""Throughput of aabl's three hot loops against a plain baseline written the common way.
+
+    python benchmarks/speed.py DATA [--arch cnn] [--device auto] [--train-images 4096]
+        [--score-images 2048] [--at-images 512] [--md benchmarks/SPEED.md]
+
+On the same images (the first N of a seeded shuffle of the image folder DATA) and the same
+initial weights, it times
+  - a naive training epoch (Adam, crop + flip, batch 128),
+  - the iFGSM scoring pass (eps 2/255, 5 steps, then SCE on the clean and attacked image),
+  - a PGD-10 adversarial-training epoch (eps 8/255, step 2/255, SGD, batch 128),
+once through aabl (`train.fit`, `scan.score_samples`) and once through the baseline:
+torchvision `ImageFolder` + `DataLoader` with PIL transforms, float32, and the PGD loop of
+torchattacks' shape (a fresh autograd graph per step, clamp to the eps ball and to [0, 1]).
+Each side runs in its own subprocess, so its peak host memory (and GPU memory) is its own.
+Prints a table of images/s and ratios and, with --md, writes it as Markdown.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+BATCH = 128
+PHASES = ("naive training epoch", "scoring pass", "PGD-10 AT epoch")
+
+
+def _subset(n_total: int, n: int, seed: int) -> list[int]:
+    return torch.randperm(n_total, generator=torch.Generator().manual_seed(seed))[:n].tolist()
+
+
+def _model(arch: str, num_classes: int, image_size: int, device: torch.device) -> torch.nn.Module:
+    from aabl_cli.models import build_model
+
+    torch.manual_seed(0)
+    model = build_model(arch, num_classes=num_classes, image_size=image_size)
+    return model.to(device)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def _conv_share(run) -> float:
+    """Share of the operator time (self time, all devices) spent in convolution kernels while `run()` runs."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    with profile(activities=activities) as prof:
+        run()
+    events = prof.key_averages()
+    device_time = sum(getattr(e, "self_device_time_total", 0) for e in events)
+    key = "self_device_time_total" if device_time > 0 else "self_cpu_time_total"
+    total = sum(getattr(e, key) for e in events)
+    conv = sum(getattr(e, key) for e in events if "conv" in e.key.lower() or "cudnn" in e.key.lower())
+    return conv / total if total else float("nan")
+
+
+# ---------------------------------------------------------------- aabl
+
+
+def run_ours(args: argparse.Namespace, device: torch.device) -> dict[str, float]:
+    from aabl_cli.data import load_image_folder
+    from aabl_cli.device import prepare_model
+    from aabl_cli.evaluate import Threat
+    from aabl_cli.scan import score_samples
+    from aabl_cli.train import LoopSettings, fit
+
+    data = load_image_folder(args.data, cache_dir=args.cache_dir, quiet=True)
+    classes, size = len(data.classes), data.image_size[0]
+    results = {}
+    tmp = Path(tempfile.mkdtemp(prefix="aabl-speed-"))
+
+    def epoch(indices: list[int], threat: Threat | None, optimizer_name: str) -> float:
+        model = prepare_model(_model(args.arch, classes, size, device), device)
+        if optimizer_name == "adam":
+            optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+        else:
+            optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
+        images, labels = data.images[indices].to(device), data.labels[indices].to(device)
+        settings = LoopSettings(epochs=1, batch_size=BATCH, threat=threat, milestones=[],
+                                lr=optimizer.param_groups[0]["lr"])
+        _sync(device)
+        t0 = time.perf_counter()
+        fit(model, images, labels, optimizer=optimizer, settings=settings, device=device, seed=0, partial_dir=tmp,
+            resume=False, save_checkpoint=lambda path, ep: None, resume_key={}, desc="speed", quiet=True)
+        _sync(device)
+        return len(indices) / (time.perf_counter() - t0)
+
+    n = len(data)
+    results[PHASES[0]] = epoch(_subset(n, args.train_images, 1), None, "adam")
+    model = prepare_model(_model(args.arch, classes, size, device), device)
+    indices = _subset(n, args.score_images, 2)
+    images, labels = data.images[indices].to(device), data.labels[indices].to(device)
+    _sync(device)
+    t0 = time.perf_counter()
+    score_samples(model, images, labels, device=device, eps=2 / 255, step_size=2 / 255, steps=5, quiet=True)
+    _sync(device)
+    results[PHASES[1]] = len(indices) / (time.perf_counter() - t0)
+    threat = Threat(eps=8 / 255, step_size=2 / 255, steps=10, random_start=True)
+    results[PHASES[2]] = epoch(_subset(n, args.at_images, 3), threat, "sgd")
+    results["peak host MB"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # before profiling
+    if args.profile:
+        results["conv share (AT)"] = _conv_share(lambda: epoch(_subset(n, 2 * BATCH, 4), threat, "sgd"))
+    return results
+
+
+# ---------------------------------------------------------------- baseline
+
+
+def _baseline_pgd(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, *, eps: float, alpha: float,
+                  steps: int, random_start: bool) -> torch.Tensor:
+    """The usual PGD loop: mean cross-entropy, a fresh graph per step, clamps on the image."""
+    images = images.clone().detach()
+    adv = images.clone().detach()
+    if random_start:
+        adv = (adv + torch.empty_like(adv).uniform_(-eps, eps)).clamp(0, 1).detach()
+    for _ in range(steps):
+        adv.requires_grad = True
+        cost = F.cross_entropy(model(adv), labels)
+        grad = torch.autograd.grad(cost, adv)[0]
+        adv = adv.detach() + alpha * grad.sign()
+        adv = (images + (adv - images).clamp(-eps, eps)).clamp(0, 1).detach()
+    return adv
+
+
+def run_baseline(args: argparse.Namespace, device: torch.device) -> dict[str, float]:
+    import torchvision
+    from torch.utils.data import DataLoader, Subset
+    from torchvision import transforms
+
+    from aabl_cli.losses import sce
+
+    plain = torchvision.datasets.ImageFolder(args.data, transform=transforms.ToTensor())
+    size = plain[0][0].shape[-1]
+    augment = transforms.Compose([transforms.RandomCrop(size, padding=size // 8), transforms.RandomHorizontalFlip(),
+                                  transforms.ToTensor()])
+    augmented = torchvision.datasets.ImageFolder(args.data, transform=augment)
+    classes, n = len(plain.classes), len(plain)
+    pin = device.type == "cuda"
+    results = {}
+
+    def loader(dataset, indices: list[int], shuffle: bool) -> DataLoader:
+        return DataLoader(Subset(dataset, indices), batch_size=BATCH, shuffle=shuffle, num_workers=args.workers,
+                          pin_memory=pin, persistent_workers=False)
+
+    def epoch(indices: list[int], adversarial: bool) -> float:
+        model = _model(args.arch, classes, size, device)
+        if adversarial:
+            optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
+        else:
+            optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+        _sync(device)
+        t0 = time.perf_counter()
+        for x, y in loader(augmented, indices, shuffle=True):
+            x, y = x.to(device), y.to(device)
+            if adversarial:
+                model.eval()
+                x = _baseline_pgd(model, x, y, eps=8 / 255, alpha=2 / 255, steps=10, random_start=True)
+            model.train()
+            loss = F.cross_entropy(model(x), y)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            loss.item()  # the usual per-batch logging
+        _sync(device)
+        return len(indices) / (time.perf_counter() - t0)
+
+    results[PHASES[0]] = epoch(_subset(n, args.train_images, 1), adversarial=False)
+    model = _model(args.arch, classes, size, device).eval()
+    indices = _subset(n, args.score_images, 2)
+    _sync(device)
+    t0 = time.perf_counter()
+    scores = []
+    for x, y in loader(plain, indices, shuffle=False):
+        x, y = x.to(device), y.to(device)
+        x_adv = _baseline_pgd(model, x, y, eps=2 / 255, alpha=2 / 255, steps=5, random_start=False)
+        with torch.no_grad():
+            scores.append(sce(model(x_adv), y).cpu())
+            scores.append(sce(model(x), y).cpu())
+    _sync(device)
+    results[PHASES[1]] = len(indices) / (time.perf_counter() - t0)
+    results[PHASES[2]] = epoch(_subset(n, args.at_images, 3), adversarial=True)
+    results["peak host MB"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # before profiling
+    if args.profile:
+        results["conv share (AT)"] = _conv_share(lambda: epoch(_subset(n, 2 * BATCH, 4), adversarial=True))
+    return results
+
+
+# ---------------------------------------------------------------- driver
+
+
+def _side(args: argparse.Namespace) -> None:
+    from aabl_cli.device import resolve_device
+
+    device = resolve_device(args.device)
+    run = run_ours if args.side == "ours" else run_baseline
+    results = run(args, device)
+    if device.type == "cuda":
+        results["peak GPU MB"] = torch.cuda.max_memory_allocated() / 2**20
+    if device.type == "cuda":
+        results["device"] = torch.cuda.get_device_name(device)
+    else:
+        results["device"] = f"CPU ({platform.machine()}, {torch.get_num_threads()} threads)"
+    print(json.dumps(results))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("data", help="image folder (class sub-folders)")
+    parser.add_argument("--arch", default="cnn")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--train-images", type=int, default=4096)
+    parser.add_argument("--score-images", type=int, default=2048)
+    parser.add_argument("--at-images", type=int, default=512)
+    parser.add_argument("--workers", type=int, default=2, help="baseline DataLoader workers")
+    parser.add_argument("--cache-dir", default=None)
+    parser.add_argument("--profile", action="store_true",
+                        help="also profile two AT batches per side and report the share of time in convolutions")
+    parser.add_argument("--md", type=Path, default=None, help="append the table to this Markdown file")
+    parser.add_argument("--side", choices=("ours", "baseline"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.side:
+        _side(args)
+        return
+    sides = {}
+    for side in ("baseline", "ours"):
+        cmd = [sys.executable, __file__, *sys.argv[1:], "--side", side]
+        done = subprocess.run(cmd, check=True, capture_output=True, text=True)
+        sides[side] = json.loads(done.stdout.strip().splitlines()[-1])
+    ours, base = sides["ours"], sides["baseline"]
+    lines = [f"### `{args.arch}` on {ours['device']}", "",
+             f"Images: {args.train_images} (naive epoch), {args.score_images} (scoring), {args.at_images} (AT epoch) "
+             f"from `{Path(args.data).name}`; batch {BATCH}; baseline DataLoader workers {args.workers}.", "",
+             "| phase | baseline img/s | aabl img/s | ratio |", "| --- | ---: | ---: | ---: |"]
+    for phase in PHASES:
+        lines.append(f"| {phase} | {base[phase]:.1f} | {ours[phase]:.1f} | {ours[phase] / base[phase]:.2f}x |")
+    for key in ("peak host MB", "peak GPU MB"):
+        if key in ours:
+            lines.append(f"| {key} | {base[key]:.0f} | {ours[key]:.0f} | {ours[key] / base[key]:.2f}x |")
+    if "conv share (AT)" in ours:
+        lines.append(f"| time in convolution kernels (AT, profiled) | {base['conv share (AT)']:.0%} | "
+                     f"{ours['conv share (AT)']:.0%} | |")
+    table = "\n".join(lines) + "\n"
+    print(table)
+    if args.md:
+        with open(args.md, "a") as fh:
+            fh.write("\n" + table)
+
+
+if __name__ == "__main__":
+    main()
