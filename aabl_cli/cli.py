@@ -271,7 +271,8 @@ def split(as_json: bool, quiet: bool, **options: Any) -> None:
               help="pgd: the paper's PGD training. fgsm-rs: one FGSM step of 1.25 x eps from a random start "
                    "(Wong et al. 2020), about 5x cheaper per batch than PGD-10; ignores --steps and --step-size.")
 @click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=0.1, show_default=True,
-              help="SGD learning rate for --batch-size 128; scale it with the batch size.")
+              help="SGD learning rate. Left at its default it scales with the batch size (0.1 x "
+                   "batch / 128, the linear scaling rule); given explicitly it is used as is.")
 @click.option("--momentum", type=click.FloatRange(0, 1), default=0.9, show_default=True, help="SGD momentum.")
 @click.option("--weight-decay", type=click.FloatRange(min=0), default=5e-4, show_default=True,
               help="SGD weight decay.")
@@ -287,8 +288,14 @@ def train(data: Path | None, milestones: str | None, as_json: bool, **options: A
 
     Writes WORKDIR/train/: model.safetensors, train.json and history.csv.
     """
+    from aabl_cli.progress import log
     from aabl_cli.train import train as run_train
 
+    ctx = click.get_current_context()
+    if ctx.get_parameter_source("lr") == click.core.ParameterSource.DEFAULT and options["batch_size"] != 128:
+        options["lr"] = options["lr"] * options["batch_size"] / 128
+        log(f"train: --batch-size {options['batch_size']}: learning rate scaled to {options['lr']:.4g} "
+            "(pass --lr to set it yourself)", quiet=options["quiet"])
     summary = run_train(data, milestones=_parse_milestones(milestones, options["epochs"]), **options)
     final = summary["final"]
     extra = "".join(f", {k} {final[k]:.1%}" for k in ("val_acc", "val_ra") if k in final)

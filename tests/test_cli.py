@@ -371,3 +371,15 @@ def test_installed_executable(tmp_path):
     assert "no class folders" in result.stderr
     assert "Traceback" not in result.stderr + result.stdout
     assert not (tmp_path / "xdg").exists()
+
+
+@pytest.mark.parametrize(("extra", "lr"), [(("--batch-size", "32"), 0.025),
+                                           (("--batch-size", "32", "--lr", "0.05"), 0.05), ((), 0.1)])
+def test_train_scales_the_default_learning_rate_with_the_batch(tiny_data, tmp_path, extra, lr):
+    work = tmp_path / "w"
+    result = invoke("train", tiny_data, "--arch", "cnn", "--epochs", "1", "--eps", "0", "--device", "cpu",
+                    "--workdir", work, "--cache-dir", tmp_path / "c", *extra)
+    assert result.exit_code == 0, result.output
+    saved = json.loads((work / "train" / "train.json").read_text())
+    assert saved["settings"]["lr"] == pytest.approx(lr)
+    assert ("learning rate scaled" in result.output) == (lr == 0.025)
