@@ -97,3 +97,15 @@ def cache_dir(tmp_path: Path) -> Path:
 def _no_home_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
     """Belt and braces: a test that forgets --cache-dir still never writes to ~/.cache."""
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path_factory.mktemp("xdg-cache")))
+
+
+def read_rows(out: Path) -> list[dict[str, str]]:
+    """The rows of a poisoned folder's `poison.csv`."""
+    with open(out / "poison.csv", newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+def pixels(path: Path) -> np.ndarray:
+    """An image's RGB pixels as int16 (differences do not wrap)."""
+    with Image.open(path) as img:
+        return np.asarray(img.convert("RGB"), dtype=np.int16)

@@ -6,7 +6,6 @@ train mode and in --test mode; the tests below read what those runs wrote.
 
 from __future__ import annotations
 
-import csv
 import hashlib
 import json
 from dataclasses import dataclass
@@ -16,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
-from conftest import make_folder, tree_hash
+from conftest import make_folder, pixels, read_rows, tree_hash
 from PIL import Image
 from torch import nn
 
@@ -62,16 +61,6 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Run]:
         poison_folder(src, attack=attack, out=test, test=True, trigger=trigger, **common)
         done[attack] = Run(src, before, out, test, again, preview, summary)
     return done
-
-
-def read_rows(out: Path) -> list[dict[str, str]]:
-    with open(out / "poison.csv", newline="") as fh:
-        return list(csv.DictReader(fh))
-
-
-def pixels(path: Path) -> np.ndarray:
-    with Image.open(path) as img:
-        return np.asarray(img.convert("RGB"), dtype=np.int16)
 
 
 def source_of(row: dict[str, str], classes: list[str] = CLASSES) -> str:

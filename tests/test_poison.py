@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 import hashlib
 import json
 import math
@@ -11,6 +10,7 @@ from pathlib import Path, PurePosixPath
 import numpy as np
 import pytest
 import torch
+from conftest import pixels, read_rows
 from PIL import Image
 
 from aabl_cli import poison
@@ -50,16 +50,6 @@ def tree_hash(root: Path) -> dict[str, str]:
 
     return {p.relative_to(root).as_posix(): hashlib.sha256(content(p)).hexdigest()
             for p in sorted(root.rglob("*")) if p.is_file()}
-
-
-def read_rows(out: Path) -> list[dict[str, str]]:
-    with open(out / "poison.csv", newline="") as fh:
-        return list(csv.DictReader(fh))
-
-
-def pixels(path: Path) -> np.ndarray:
-    with Image.open(path) as img:
-        return np.asarray(img.convert("RGB"), dtype=np.int16)
 
 
 def poison_sources(src: Path, out: Path, target: str) -> dict[str, Path]:
