@@ -142,6 +142,7 @@ def read_scores(path: Path) -> tuple[dict[str, Any], list[str], np.ndarray, np.n
     except (OSError, ValueError, KeyError, TypeError) as err:
         raise AablError(f"{scan_json} is missing or unreadable; keep the scan.json that `aabl scan` wrote "
                         "beside scores.csv") from err
+    label_of = {name: i for i, name in enumerate(classes)}
     paths: list[str] = []
     labels: list[int] = []
     scores: list[float] = []
@@ -166,7 +167,7 @@ def read_scores(path: Path) -> tuple[dict[str, Any], list[str], np.ndarray, np.n
                 if not 0 <= label < len(classes):
                     raise AablError(f"{path}, line {line}: label {label} is not one of the {len(classes)} classes")
                 folder = str(row["path"]).split("/", 1)[0]
-                if folder not in classes or classes.index(folder) != label:
+                if label_of.get(folder) != label:
                     raise AablError(f"{path}, line {line}: label {label} does not match the class folder of "
                                     f"{row['path']}; restore the label or re-create the file with `aabl scan`")
                 paths.append(row["path"])
