@@ -146,7 +146,7 @@ def build_model(arch: str, *, num_classes: int, image_size: int | Sequence[int],
 def channel_stats(images: torch.Tensor, *, chunk: int = 1024) -> tuple[list[float], list[float]]:
     """Per-channel mean and std in [0, 1] of a uint8 (N, 3, H, W) tensor, in chunks so that
     no float copy of the whole set is made."""
-    total = torch.zeros(images.shape[1], dtype=torch.float64)
+    total = torch.zeros(images.shape[1], dtype=torch.float64, device=images.device)
     total_sq = torch.zeros_like(total)
     for start in range(0, images.shape[0], chunk):
         part = images[start:start + chunk].to(torch.float64) / 255.0

@@ -50,3 +50,10 @@ def test_channel_stats_match_a_direct_computation():
     x = images.double() / 255
     assert torch.allclose(torch.tensor(mean, dtype=torch.float64), x.mean(dim=(0, 2, 3)), atol=1e-9)
     assert torch.allclose(torch.tensor(std, dtype=torch.float64), x.std(dim=(0, 2, 3), unbiased=False), atol=1e-6)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_channel_stats_of_a_dataset_on_the_gpu():
+    images = torch.randint(0, 256, (50, 3, 8, 8), dtype=torch.uint8)
+    (mean_gpu, std_gpu), (mean, std) = channel_stats(images.cuda()), channel_stats(images)
+    assert mean_gpu + std_gpu == pytest.approx(mean + std)
