@@ -175,6 +175,10 @@ def training_options(default_arch: str) -> Callable[[Callable[..., Any]], Callab
                          help="Resize images to N x N px.  [default: the most common size in the folder]"),
             click.option("--resume", is_flag=True,
                          help="Continue an interrupted run of this stage from its last finished epoch."),
+            click.option("--compile", "compile_model", is_flag=True,
+                         help="torch.compile the training and attack passes: pays off on a GPU for long runs "
+                              "(the first batches wait a minute or more for compilation; the last partial "
+                              "batch of each epoch is dropped so shapes stay fixed)."),
         ]
         for option in reversed(options):
             func = option(func)

@@ -10,12 +10,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from aabl_cli.attacks import pgd
 from aabl_cli.checkpoint import load_model
 from aabl_cli.data import load_image_folder
 from aabl_cli.device import autocast, make_generator, prepare_model, resolve_device
 from aabl_cli.errors import AablError
 from aabl_cli.fuse import AttackView
+from aabl_cli.graphs import GraphedAttack
 
 
 @dataclass(frozen=True)
@@ -51,10 +51,14 @@ def predict(model: nn.Module, images: torch.Tensor, *, device: torch.device, bat
     `pred == labels` means it survived all. The model is put in eval mode."""
     model.eval()
     view = AttackView(model)  # batch norm folded away: same outputs, cheaper attack steps
+    attack = None
+    if threat is not None and threat.eps > 0:
+        attack = GraphedAttack(view, eps=threat.eps, step_size=threat.step_size, steps=threat.steps,
+                               random_start=threat.random_start, device=device)
     out = []
     for start in range(0, images.shape[0], batch_size):
         x = to_float(images[start:start + batch_size], device)
-        if threat is None or threat.eps <= 0:
+        if attack is None or threat is None:
             with torch.no_grad(), autocast(device):
                 out.append(view(x).argmax(dim=1).cpu())
             continue
@@ -63,9 +67,7 @@ def predict(model: nn.Module, images: torch.Tensor, *, device: torch.device, bat
         pred = y.clone()
         alive = torch.arange(len(y), device=device)  # samples every restart so far has failed to fool
         for _ in range(threat.restarts):
-            with autocast(device):
-                x_adv = pgd(view, x[alive], y[alive], eps=threat.eps, step_size=threat.step_size,
-                            steps=threat.steps, random_start=threat.random_start, generator=generator)
+            x_adv = attack(x[alive], y[alive], generator)
             with torch.no_grad(), autocast(device):
                 pred[alive] = view(x_adv).argmax(dim=1)
             alive = alive[pred[alive] == y[alive]]

@@ -19,7 +19,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from aabl_cli import __version__
-from aabl_cli.attacks import ifgsm
 from aabl_cli.checkpoint import load_model, save_model
 from aabl_cli.data import ImageDataset, check_image_size, load_image_folder
 from aabl_cli.device import autocast, prepare_model, resolve_device, seed_everything
@@ -27,6 +26,7 @@ from aabl_cli.errors import RuntimeFault
 from aabl_cli.evaluate import to_float
 from aabl_cli.fsutil import refuse_overlap, replace_dir, write_json
 from aabl_cli.fuse import AttackView
+from aabl_cli.graphs import GraphedAttack
 from aabl_cli.losses import sce
 from aabl_cli.models import build_model, channel_stats
 from aabl_cli.plots import plot_scores
@@ -47,17 +47,17 @@ def score_samples(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, 
     """
     model.eval()
     view = AttackView(model)  # batch norm folded away: same outputs, cheaper steps
+    attack = GraphedAttack(view, eps=eps, step_size=step_size, steps=steps, random_start=False, device=device)
     out: dict[str, list[torch.Tensor]] = {k: [] for k in ("score", "ce_adv", "loss_clean", "pred_clean", "pred_adv")}
     n = images.shape[0]
     batches = range(0, n, batch_size)
     for start in progress(batches, total=len(batches), desc="scoring", unit="batch", quiet=quiet):
         x = to_float(images[start:start + batch_size], device)
         y = labels[start:start + batch_size].to(device)
-        with autocast(device):
-            x_adv = ifgsm(view, x, y, eps=eps, step_size=step_size, steps=steps)
-            with torch.no_grad():
-                logits_clean = view(x).float()
-                logits_adv = view(x_adv).float()
+        x_adv = attack(x, y)  # iFGSM: PGD without a random start
+        with torch.no_grad(), autocast(device):
+            logits_clean = view(x).float()
+            logits_adv = view(x_adv).float()
         out["score"].append(sce(logits_adv, y, alpha=alpha, beta=beta))
         out["ce_adv"].append(F.cross_entropy(logits_adv, y, reduction="none"))
         out["loss_clean"].append(sce(logits_clean, y, alpha=alpha, beta=beta))
@@ -87,7 +87,7 @@ def scan(data: str | Path, *, workdir: str | Path = "aabl-out", arch: str = "res
          lr: float = 1e-3, batch_size: int = 128, eps: float = 2 / 255, step_size: float = 2 / 255,
          steps: int = 5, alpha: float = 0.1, beta: float = 1.0, model: str | Path | None = None, seed: int = 0,
          device: str = "auto", resume: bool = False, quiet: bool = False, cache_dir: str | Path | None = None,
-         on_bad_file: str = "error", image_size: int | None = None) -> dict[str, Any]:
+         on_bad_file: str = "error", image_size: int | None = None, compile_model: bool = False) -> dict[str, Any]:
     """Naive training (Adam, no weight decay, crop+flip) then iFGSM scoring of every sample.
 
     Writes `workdir/scan/` with `scores.csv`, `model.safetensors`, `scan.json` and
@@ -110,7 +110,7 @@ def scan(data: str | Path, *, workdir: str | Path = "aabl-out", arch: str = "res
                                 "optimizer": "adam", "lr": lr, "weight_decay": 0.0, "batch_size": batch_size,
                                 "eps": eps, "step_size": step_size, "steps": steps, "random_start": False,
                                 "alpha": alpha, "beta": beta, "model": None if model is None else str(model),
-                                "seed": seed, "image_size": list(dataset.image_size)}
+                                "seed": seed, "image_size": list(dataset.image_size), "compile": compile_model}
     train_seconds = 0.0
     if model is not None:
         net, meta = load_model(Path(model), device=dev, classes=dataset.classes)
@@ -133,7 +133,8 @@ def scan(data: str | Path, *, workdir: str | Path = "aabl-out", arch: str = "res
 
         t0 = time.time()
         history = fit(net, images, labels, optimizer=optimizer,
-                      settings=LoopSettings(epochs=epochs, batch_size=batch_size, threat=None, milestones=[], lr=lr),
+                      settings=LoopSettings(epochs=epochs, batch_size=batch_size, threat=None, milestones=[], lr=lr,
+                                            compile=compile_model),
                       device=dev, seed=seed, partial_dir=partial, resume=resume, save_checkpoint=save,
                       resume_key={**settings, "fingerprint": dataset.fingerprint}, desc="scan: naive training",
                       quiet=quiet)

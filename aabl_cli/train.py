@@ -23,7 +23,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from aabl_cli import __version__
-from aabl_cli.attacks import pgd
 from aabl_cli.checkpoint import load_state, save_model, save_state
 from aabl_cli.data import ImageDataset, check_image_size, load_image_folder
 from aabl_cli.device import autocast, make_generator, prepare_model, resolve_device, seed_everything
@@ -31,6 +30,7 @@ from aabl_cli.errors import AablError
 from aabl_cli.evaluate import PAPER_RA, Threat, accuracy, balanced_subset, to_float
 from aabl_cli.fsutil import refuse_overlap, replace_dir, write_json
 from aabl_cli.fuse import AttackView
+from aabl_cli.graphs import GraphedAttack
 from aabl_cli.models import build_model, channel_stats
 from aabl_cli.progress import log, progress
 
@@ -73,6 +73,7 @@ class LoopSettings:
     threat: Threat | None  # None: plain training
     milestones: list[int]
     lr: float
+    compile: bool = False  # torch.compile the passes; drops each epoch's last partial batch
 
 
 def fit(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, *, optimizer: torch.optim.Optimizer,
@@ -109,15 +110,26 @@ def fit(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, *, optimiz
     batches = math.ceil(n / settings.batch_size)
     adversarial = settings.threat is not None and settings.threat.eps > 0
     view = AttackView(model) if adversarial else None
+    step_model: nn.Module = model
+    attack_model: nn.Module | None = view
+    if settings.compile:
+        step_model = torch.compile(model)
+        attack_model = torch.compile(view) if view is not None else None
+    attack = None
+    if view is not None and settings.threat is not None:
+        threat = settings.threat
+        attack = GraphedAttack(attack_model, eps=threat.eps, step_size=threat.step_size, steps=threat.steps,
+                               random_start=threat.random_start, device=device, graphs=not settings.compile)
     for epoch in range(start, settings.epochs):
         lr = lr_at(epoch, lr=settings.lr, milestones=settings.milestones)
         for group in optimizer.param_groups:
             group["lr"] = lr
         t0 = time.perf_counter()
         loss_sum, correct, seen = _train_epoch(model, images, labels, optimizer=optimizer, settings=settings,
-                                         device=device, generator=generator, first=(epoch == start),
-                                         desc=f"{desc} {epoch + 1}/{settings.epochs}", quiet=quiet,
-                                         batches=batches, view=view)
+                                               device=device, generator=generator, first=(epoch == start),
+                                               desc=f"{desc} {epoch + 1}/{settings.epochs}", quiet=quiet,
+                                               batches=batches, view=view, step_model=step_model,
+                                               attack=attack)
         row: dict[str, Any] = {"epoch": epoch + 1, "lr": lr, "train_loss": float(loss_sum) / seen,
                                "train_acc": float(correct) / seen}
         if validate is not None:
@@ -138,9 +150,13 @@ def fit(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, *, optimiz
 
 def _train_epoch(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, *, optimizer: torch.optim.Optimizer,
                  settings: LoopSettings, device: torch.device, generator: torch.Generator, first: bool, desc: str,
-                 quiet: bool, batches: int, view: AttackView | None = None) -> tuple[torch.Tensor, torch.Tensor, int]:
+                 quiet: bool, batches: int, view: AttackView | None = None, step_model: nn.Module | None = None,
+                 attack: GraphedAttack | None = None) -> tuple[torch.Tensor, torch.Tensor, int]:
     """One epoch; returns the summed loss, the correct count (tensors on the device) and the samples seen.
-    `view`: the model with batch norm folded (`fuse.AttackView`), which the attack steps run on."""
+    `view`: the model with batch norm folded (`fuse.AttackView`), refreshed before each batch's
+    `attack` (a `graphs.GraphedAttack` on the view); `step_model`: what the training step calls
+    (the model, or its compiled form)."""
+    step_model = model if step_model is None else step_model
     n = images.shape[0]
     perm = torch.randperm(n, generator=generator, device=images.device)
     loss_sum = torch.zeros((), device=device)
@@ -149,23 +165,17 @@ def _train_epoch(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, *
     t0 = time.perf_counter()
     for b in progress(range(batches), total=batches, desc=desc, unit="batch", quiet=quiet):
         idx = perm[b * settings.batch_size:(b + 1) * settings.batch_size]
-        if len(idx) < 2:  # batch norm cannot train on a single sample
-            continue
+        if len(idx) < 2 or (settings.compile and len(idx) < settings.batch_size and b > 0):
+            continue  # batch norm cannot train on one sample; compiled graphs keep one batch shape
         x = to_float(batch_augment(images[idx], generator), device)
         y = labels[idx].to(device, non_blocking=True)
-        threat = settings.threat
-        if threat is not None and threat.eps > 0:
+        if attack is not None and view is not None:
             model.eval()  # attack with fixed batch-norm statistics, as TRADES and fast-AT do
-            attacked = model
-            if view is not None:
-                view.refresh()
-                attacked = view
-            with autocast(device):
-                x = pgd(attacked, x, y, eps=threat.eps, step_size=threat.step_size, steps=threat.steps,
-                        random_start=threat.random_start, generator=generator)
+            view.refresh()
+            x = attack(x, y, generator)
         model.train()
         with autocast(device):
-            logits = model(x)
+            logits = step_model(x)
             loss = F.cross_entropy(logits.float(), y)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -208,7 +218,7 @@ def train(data: str | Path | None = None, *, workdir: str | Path = "aabl-out", a
           milestones: list[int] | None = None, val: str | Path | None = None, val_size: int = 1000,
           seed: int = 0, device: str = "auto", resume: bool = False, quiet: bool = False,
           cache_dir: str | Path | None = None, on_bad_file: str = "error",
-          image_size: int | None = None, adv_method: str = "pgd") -> dict[str, Any]:
+          image_size: int | None = None, adv_method: str = "pgd", compile_model: bool = False) -> dict[str, Any]:
     """PGD adversarial training from scratch (Madry et al.); `eps=0` trains plainly.
 
     `adv_method="fgsm-rs"` trains on one FGSM step of 1.25 eps from a uniform random start
@@ -248,7 +258,7 @@ def train(data: str | Path | None = None, *, workdir: str | Path = "aabl-out", a
                 "step_size": step_size, "steps": steps, "random_start": True, "optimizer": "sgd", "lr": lr,
                 "momentum": momentum, "weight_decay": weight_decay, "batch_size": batch_size, "milestones": milestones,
                 "val": None if val is None else str(val), "val_size": val_size, "seed": seed,
-                "image_size": list(dataset.image_size)}
+                "image_size": list(dataset.image_size), "compile": compile_model}
 
     def save(path: Path, done: int) -> None:
         save_model(path, model, arch=arch, classes=dataset.classes, image_size=dataset.image_size, stage="train",
@@ -268,7 +278,7 @@ def train(data: str | Path | None = None, *, workdir: str | Path = "aabl-out", a
     images, labels = place_on_device(dataset, dev)
     history = fit(model, images, labels, optimizer=optimizer,
                   settings=LoopSettings(epochs=epochs, batch_size=batch_size, threat=threat, milestones=milestones,
-                                        lr=lr),
+                                        lr=lr, compile=compile_model),
                   device=dev, seed=seed, partial_dir=partial, resume=resume, save_checkpoint=save,
                   resume_key={**settings, "fingerprint": dataset.fingerprint}, desc="train", quiet=quiet,
                   validate=validate)

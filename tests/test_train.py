@@ -13,6 +13,7 @@ from conftest import make_folder, tree_hash
 from safetensors import safe_open
 from safetensors.torch import load_file
 
+import aabl_cli.graphs as graphs_mod
 import aabl_cli.train as train_mod
 from aabl_cli.errors import AablError
 from aabl_cli.train import HISTORY_FIELDS, batch_augment, default_milestones, lr_at, train
@@ -197,7 +198,7 @@ def test_plain_training_with_eps_zero(tiny_data, tmp_path, monkeypatch):
     def no_attack(*args, **kwargs):
         raise AssertionError("eps 0 must not run PGD")
 
-    monkeypatch.setattr(train_mod, "pgd", no_attack)
+    monkeypatch.setattr(graphs_mod, "pgd", no_attack)
     summary = train(tiny_data, workdir=tmp_path / "w", cache_dir=tmp_path / "c", **{**FAST, "eps": 0.0})
     assert summary["settings"]["eps"] == 0.0
     with safe_open(str(tmp_path / "w" / "train" / "model.safetensors"), framework="pt") as fh:
@@ -260,13 +261,13 @@ def test_empty_class_keeps_its_label_in_the_model(tiny_data, tmp_path):
 
 def test_fgsm_rs_trains_on_one_step_of_1_25_eps(tiny_data, tmp_path, monkeypatch):
     calls = []
-    real = train_mod.pgd
+    real = graphs_mod.pgd
 
     def recording(model, x, y, **kwargs):
         calls.append(kwargs)
         return real(model, x, y, **kwargs)
 
-    monkeypatch.setattr(train_mod, "pgd", recording)
+    monkeypatch.setattr(graphs_mod, "pgd", recording)
     summary = train(tiny_data, workdir=tmp_path / "w", cache_dir=tmp_path / "c", seed=0, adv_method="fgsm-rs",
                     **{**FAST, "steps": 7})
     assert calls and all(c["steps"] == 1 and c["random_start"] for c in calls)
@@ -279,3 +280,27 @@ def test_unknown_adv_method_refused(tiny_data, tmp_path):
     with pytest.raises(AablError, match="--adv-method"):
         train(tiny_data, workdir=tmp_path / "w", cache_dir=tmp_path / "c", adv_method="cw", **FAST)
     assert not (tmp_path / "w").exists()
+
+
+def test_compiled_training_matches_eager(tmp_path):
+    """--compile: the same losses as eager training (64 images, batch 32: no partial batch to drop)."""
+    from aabl_cli.evaluate import Threat
+    from aabl_cli.models import build_model
+    from aabl_cli.train import LoopSettings, fit
+
+    torch.manual_seed(0)
+    x = torch.randint(0, 256, (64, 3, 32, 32), dtype=torch.uint8)
+    y = torch.randint(0, 3, (64,))
+    histories = []
+    for compiled in (False, True):
+        torch.manual_seed(0)
+        model = build_model("cnn", num_classes=3, image_size=(32, 32))
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+        threat = Threat(eps=8 / 255, step_size=2 / 255, steps=1, random_start=True)
+        settings = LoopSettings(epochs=2, batch_size=32, threat=threat, milestones=[], lr=0.01, compile=compiled)
+        histories.append(fit(model, x, y, optimizer=optimizer, settings=settings, device=torch.device("cpu"), seed=0,
+                             partial_dir=tmp_path, resume=False, save_checkpoint=lambda path, epoch: None,
+                             resume_key={}, desc="t", quiet=True))
+    eager, compiled = histories
+    assert [r["train_loss"] for r in compiled] == pytest.approx([r["train_loss"] for r in eager], rel=1e-3)
+    assert eager[0]["train_loss"] != eager[1]["train_loss"]
