@@ -14,6 +14,8 @@ after a recording fails.
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -58,9 +60,12 @@ class GraphedAttack:
         if key not in self._graphs:
             try:
                 self._graphs[key] = self._record(x, y, start)
-            except RuntimeError:  # an op the graph cannot hold: stay eager from now on
+            except RuntimeError as err:  # an op the graph cannot hold: stay eager from now on
+                warnings.warn(f"recording the attack as a CUDA graph failed ({err}); it runs eagerly, "
+                              "which is slower on a GPU", RuntimeWarning, stacklevel=2)
                 self._failed = True
-                torch.cuda.synchronize(self.device)
+                if self.device.type == "cuda":
+                    torch.cuda.synchronize(self.device)
                 return self._steps(x, y, start).detach()
         graph, io = self._graphs[key]
         io["x"].copy_(x)

@@ -35,6 +35,23 @@ def test_cpu_runs_the_eager_loop_exactly():
         assert torch.equal(got, want)
 
 
+def test_a_failed_recording_warns_and_falls_back_to_the_eager_steps(monkeypatch):
+    device = torch.device("cpu")
+    model, x, y = _setup(device)
+    attack = GraphedAttack(model, eps=8 / 255, step_size=2 / 255, steps=3, random_start=False, device=device)
+    attack.enabled = True  # as on a GPU, where the second call of a shape records
+
+    def cannot_record(*args, **kwargs):
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    monkeypatch.setattr(attack, "_record", cannot_record)
+    want = pgd(model, x, y, eps=8 / 255, step_size=2 / 255, steps=3, random_start=False)
+    assert torch.equal(attack(x, y), want)  # first sight of the shape: eager
+    with pytest.warns(RuntimeWarning, match="runs eagerly"):
+        assert torch.equal(attack(x, y), want)
+    assert torch.equal(attack(x, y), want) and not attack._graphs
+
+
 @pytest.fixture
 def exact_cuda():
     """float32 convolutions without TF32 and with fixed algorithms, so eager and replay agree to rounding."""

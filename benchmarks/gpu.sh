@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# The GPU benchmarks, for a machine with a CUDA card:
+#   bash benchmarks/gpu.sh CIFAR10_ZIP SCRATCH speed [speed.py options]
+#   bash benchmarks/gpu.sh CIFAR10_ZIP SCRATCH attacks
+# speed:   benchmarks/speed.py on a 25,000-image CIFAR-10 subset (25,000 images for the naive
+#          epoch and scoring, 10,000 for the AT epoch), appended to benchmarks/SPEED.md
+# attacks: benchmarks/attacks.py on a 10,000-image subset, appended to benchmarks/ATTACKS.md
+set -euo pipefail
+here=$(cd "$(dirname "$0")/.." && pwd)
+zip=$1 scratch=$2 what=$3
+shift 3
+mkdir -p "$scratch"
+cd "$scratch"
+[ -d cifar10 ] || python -m zipfile -e "$zip" .  # unzip may be missing
+[ -d c25k ] || python "$here/benchmarks/subset.py" cifar10/train c25k --size 25000 --seed 0
+[ -d c10k ] || python "$here/benchmarks/subset.py" cifar10/train c10k --size 10000 --seed 0
+case $what in
+  speed) python "$here/benchmarks/speed.py" c25k --device cuda --train-images 25000 --score-images 25000 \
+           --at-images 10000 --workers 8 --cache-dir cache --md "$here/benchmarks/SPEED.md" "$@" ;;
+  attacks) python "$here/benchmarks/attacks.py" c10k cifar10/test --work attacks --device cuda \
+             --md "$here/benchmarks/ATTACKS.md" "$@" ;;
+  *) echo "unknown: $what (speed or attacks)" >&2; exit 2 ;;
+esac
