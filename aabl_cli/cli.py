@@ -187,6 +187,10 @@ def training_options(default_arch: str) -> Callable[[Callable[..., Any]], Callab
 
 
 def _emit(summary: dict[str, Any], as_json: bool, text: str) -> None:
+    from aabl_cli.distributed import launched_as_main
+
+    if not launched_as_main():  # under torchrun rank 0 alone reports
+        return
     if as_json:
         click.echo(json.dumps(summary, indent=2, default=str))
     else:
@@ -218,9 +222,12 @@ def scan(data: Path, model_path: Path | None, as_json: bool, **options: Any) -> 
     Writes WORKDIR/scan/: scores.csv (one row per image, in dataset order; lower score =
     more robust = more suspicious), model.safetensors, scan.json and scores.png.
     """
+    from aabl_cli.distributed import launched_as_main
     from aabl_cli.scan import scan as run_scan
 
     summary = run_scan(data, model=model_path, **options)
+    if not launched_as_main():  # under torchrun rank 0 alone reports
+        return
     text = (f"scanned {summary['samples']} images in {summary['seconds']['total']:.0f} s: clean accuracy "
             f"{summary['clean_acc']:.1%}, under iFGSM {summary['adv_acc']:.1%}\n"
             f"wrote {options['workdir'] / 'scan'}/ (scores.csv, model.safetensors, scan.json, scores.png)")
@@ -292,15 +299,19 @@ def train(data: Path | None, milestones: str | None, as_json: bool, **options: A
 
     Writes WORKDIR/train/: model.safetensors, train.json and history.csv.
     """
+    from aabl_cli.distributed import env_world_size, launched_as_main
     from aabl_cli.progress import log
     from aabl_cli.train import train as run_train
 
     ctx = click.get_current_context()
-    if ctx.get_parameter_source("lr") == click.core.ParameterSource.DEFAULT and options["batch_size"] != 128:
-        options["lr"] = options["lr"] * options["batch_size"] / 128
-        log(f"train: --batch-size {options['batch_size']}: learning rate scaled to {options['lr']:.4g} "
-            "(pass --lr to set it yourself)", quiet=options["quiet"])
+    effective = options["batch_size"] * env_world_size()  # one batch per torchrun process
+    if ctx.get_parameter_source("lr") == click.core.ParameterSource.DEFAULT and effective != 128:
+        options["lr"] = options["lr"] * effective / 128
+        log(f"train: effective batch {effective}: learning rate scaled to {options['lr']:.4g} "
+            "(pass --lr to set it yourself)", quiet=options["quiet"] or not launched_as_main())
     summary = run_train(data, milestones=_parse_milestones(milestones, options["epochs"]), **options)
+    if not launched_as_main():
+        return
     final = summary["final"]
     extra = "".join(f", {k} {final[k]:.1%}" for k in ("val_acc", "val_ra") if k in final)
     text = (f"trained {summary['settings']['epochs']} epochs on {summary['samples']} images in "
@@ -398,6 +409,7 @@ def evaluate(model: Path, test: Path, eps: float, step_size: float, steps: int, 
              **options: Any) -> None:
     """Measure MODEL on TEST: ACC (clean accuracy), RA (accuracy under PGD) and, with
     --poisoned, ASR (share of triggered images classified as the target). Prints JSON."""
+    from aabl_cli.distributed import launched_as_main
     from aabl_cli.evaluate import Threat
     from aabl_cli.evaluate import evaluate as run_evaluate
     from aabl_cli.fsutil import inside, write_json
@@ -408,6 +420,8 @@ def evaluate(model: Path, test: Path, eps: float, step_size: float, steps: int, 
                                      param_hint="--out")
     result = run_evaluate(model, test, threat=Threat(eps=eps, step_size=step_size, steps=steps, restarts=restarts),
                           **options)
+    if not launched_as_main():  # under torchrun rank 0 alone reports
+        return
     if out is not None:
         write_json(out, result)
     click.echo(json.dumps(result, indent=2))

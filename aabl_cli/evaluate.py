@@ -10,6 +10,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from aabl_cli import distributed
 from aabl_cli.checkpoint import load_model
 from aabl_cli.data import load_image_folder
 from aabl_cli.device import autocast, make_generator, prepare_model, resolve_device
@@ -120,23 +121,47 @@ def evaluate(model: str | Path, test: str | Path, *, poisoned: str | Path | None
     The poisoned folder holds triggered images relabelled to the target (`aabl poison
     --test`), so ASR is the share classified as their (target) label. Returns fractions.
     """
-    dev = resolve_device(device)
+    dev = distributed.setup(resolve_device(device))
+    quiet = quiet or not distributed.is_main()
     net, meta = load_model(Path(model), device=dev)
     net = prepare_model(net, dev)
     started = time.time()
-    images, labels = _load_for_model(test, meta["classes"], meta["image_size"], cache_dir=cache_dir, quiet=quiet)
+    with distributed.main_first():  # rank 0 fills the decode cache, the others read it
+        images, labels = _load_for_model(test, meta["classes"], meta["image_size"], cache_dir=cache_dir,
+                                         quiet=quiet)
     result: dict[str, Any] = {
         "model": str(model), "test": str(test), "samples": int(images.shape[0]),
-        "acc": accuracy(net, images, labels, device=dev, batch_size=batch_size),
+        "acc": _sharded_accuracy(net, images, labels, device=dev, batch_size=batch_size),
     }
     if threat.eps > 0:
-        result["ra"] = accuracy(net, images, labels, device=dev, batch_size=batch_size, threat=threat,
-                                generator=make_generator(dev, seed))
+        result["ra"] = _sharded_accuracy(net, images, labels, device=dev, batch_size=batch_size, threat=threat,
+                                         generator=make_generator(dev, seed + 1_000_003 * distributed.rank()))
         result["threat"] = asdict(threat)
     if poisoned is not None:
-        p_images, p_labels = _load_for_model(poisoned, meta["classes"], meta["image_size"], cache_dir=cache_dir,
-                                             quiet=quiet)
+        with distributed.main_first():
+            p_images, p_labels = _load_for_model(poisoned, meta["classes"], meta["image_size"], cache_dir=cache_dir,
+                                                 quiet=quiet)
         result["poisoned"] = str(poisoned)
-        result["asr"] = accuracy(net, p_images, p_labels, device=dev, batch_size=batch_size)
+        result["asr"] = _sharded_accuracy(net, p_images, p_labels, device=dev, batch_size=batch_size)
+    if distributed.world() > 1:
+        result["distributed"] = distributed.describe(batch_size)
     result["seconds"] = time.time() - started
     return result
+
+
+def _sharded_accuracy(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, *, device: torch.device,
+                      batch_size: int, threat: Threat | None = None,
+                      generator: torch.Generator | None = None) -> float:
+    """`accuracy` over this process's shard, summed over the processes under torchrun."""
+    if distributed.world() == 1:
+        return accuracy(model, images, labels, device=device, batch_size=batch_size, threat=threat,
+                        generator=generator)
+    idx = distributed.shard(images.shape[0])
+    correct = torch.zeros(2, dtype=torch.float64, device=device)
+    if len(idx):
+        pred = predict(model, images[idx], device=device, batch_size=batch_size, threat=threat, generator=generator,
+                       labels=labels[idx])
+        correct[0] = float((pred == labels[idx]).sum())
+        correct[1] = float(len(idx))
+    right, total = distributed.all_reduce_sum(correct).tolist()
+    return right / total if total else float("nan")

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from aabl_cli import __version__
+from aabl_cli import __version__, distributed
 from aabl_cli.checkpoint import load_model, save_model
 from aabl_cli.data import ImageDataset, check_image_size, load_image_folder
 from aabl_cli.device import autocast, prepare_model, resolve_device, seed_everything
@@ -97,21 +97,29 @@ def scan(data: str | Path, *, workdir: str | Path = "aabl-out", arch: str = "res
     partial = workdir / ".scan.partial"
     refuse_overlap([Path(data)], workdir=workdir, outputs=[workdir / "scan", partial])
     started = time.time()
-    dev = resolve_device(device)
-    dataset = load_image_folder(data, image_size=image_size, on_bad_file=on_bad_file, cache_dir=cache_dir,
-                                quiet=quiet)
+    dev = distributed.setup(resolve_device(device))
+    quiet = quiet or not distributed.is_main()
+    with distributed.main_first():  # rank 0 fills the decode cache, the others read it
+        dataset = load_image_folder(data, image_size=image_size, on_bad_file=on_bad_file, cache_dir=cache_dir,
+                                    quiet=quiet)
     check_image_size(dataset)
+    processes = f" in {distributed.world()} processes" if distributed.world() > 1 else ""
     log(f"scan: {len(dataset)} images, {len(dataset.classes)} classes, {dataset.image_size[0]}x"
-        f"{dataset.image_size[1]} px, on {dev}", quiet=quiet)
-    prepare_partial(partial, resume)
-    images, labels = place_on_device(dataset, dev)
+        f"{dataset.image_size[1]} px, on {dev}{processes}", quiet=quiet)
+    if distributed.is_main():
+        prepare_partial(partial, resume)
+    distributed.barrier()
     seed_everything(seed)
     settings: dict[str, Any] = {"data": str(Path(dataset.root).resolve()), "arch": arch, "epochs": epochs,
                                 "optimizer": "adam", "lr": lr, "weight_decay": 0.0, "batch_size": batch_size,
                                 "eps": eps, "step_size": step_size, "steps": steps, "random_start": False,
                                 "alpha": alpha, "beta": beta, "model": None if model is None else str(model),
-                                "seed": seed, "image_size": list(dataset.image_size), "compile": compile_model}
+                                "seed": seed, "image_size": list(dataset.image_size), "compile": compile_model,
+                                "distributed": distributed.describe(batch_size)}
     train_seconds = 0.0
+    n = len(dataset)
+    train_idx, score_idx = distributed.training_shard(n), distributed.shard(n)  # both arange(n) alone
+    images: torch.Tensor | None = None
     if model is not None:
         net, meta = load_model(Path(model), device=dev, classes=dataset.classes)
         if list(meta["image_size"]) != list(dataset.image_size):
@@ -132,6 +140,7 @@ def scan(data: str | Path, *, workdir: str | Path = "aabl-out", arch: str = "res
                        adv_eps=0.0, epochs=done, seed=seed, dataset_fingerprint=dataset.fingerprint)
 
         t0 = time.time()
+        images, labels = place_on_device(dataset, dev, train_idx)
         history = fit(net, images, labels, optimizer=optimizer,
                       settings=LoopSettings(epochs=epochs, batch_size=batch_size, threat=None, milestones=[], lr=lr,
                                             compile=compile_model),
@@ -139,16 +148,21 @@ def scan(data: str | Path, *, workdir: str | Path = "aabl-out", arch: str = "res
                       resume_key={**settings, "fingerprint": dataset.fingerprint}, desc="scan: naive training",
                       quiet=quiet)
         train_seconds = time.time() - t0
-    if model is not None:
+    if model is not None and distributed.is_main():
         shutil.copyfile(model, partial / "model.safetensors")  # the scoring model, as it was given
+    if images is None or not torch.equal(train_idx, score_idx):
+        images, labels = place_on_device(dataset, dev, score_idx)
     t0 = time.time()
-    scores = score_samples(net, images, labels, device=dev, eps=eps, step_size=step_size, steps=steps,
-                           alpha=alpha, beta=beta, batch_size=_score_batch(batch_size, dev), quiet=quiet)
+    local = score_samples(net, images, labels, device=dev, eps=eps, step_size=step_size, steps=steps,
+                          alpha=alpha, beta=beta, batch_size=_score_batch(batch_size, dev), quiet=quiet)
+    scores = {k: distributed.gather_in_order(torch.from_numpy(v), score_idx, n).numpy() for k, v in local.items()}
     score_seconds = time.time() - t0
     log(f"scan: scored {len(dataset)} images with iFGSM in {score_seconds:.1f} s", quiet=quiet)
     if not np.isfinite(scores["score"]).all():
         raise RuntimeFault(f"scoring {dataset.root} produced non-finite scores (the naive model diverged); "
                            "try a lower --lr or another --seed")
+    if not distributed.is_main():  # rank 0 writes the outputs
+        return {"stage": "scan", "rank": distributed.rank(), "samples": n}
     write_scores(partial / "scores.csv", dataset, scores)
     if history:
         write_history(partial / "history.csv", history)

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from aabl_cli import __version__
+from aabl_cli import __version__, distributed
 from aabl_cli.checkpoint import load_state, save_model, save_state
 from aabl_cli.data import ImageDataset, check_image_size, load_image_folder
 from aabl_cli.device import autocast, make_generator, prepare_model, resolve_device, seed_everything
@@ -86,9 +86,13 @@ def fit(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, *, optimiz
     Resume state (model, optimizer, RNG, history) lives in one file in `partial_dir`,
     written after the epoch's model, so a kill at any moment resumes from the last complete
     epoch; with `resume` a run continues after it, and must have the same `resume_key`.
-    Returns the per-epoch history rows.
+    Under torchrun each process passes its own shard (all of the same size) and the model
+    trains wrapped in DistributedDataParallel; only rank 0 writes, and the state file holds
+    every process's sampling generator. Returns the per-epoch history rows.
     """
-    generator = make_generator(images.device, seed)
+    world, rank = distributed.world(), distributed.rank()
+    quiet = quiet or rank != 0
+    generator = make_generator(images.device, seed + 1_000_003 * rank)
     state_path, model_path, history_path = (partial_dir / "state.safetensors", partial_dir / "model.safetensors",
                                             partial_dir / "history.csv")  # the last two are outputs only
     history: list[dict[str, Any]] = []
@@ -100,7 +104,11 @@ def fit(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, *, optimiz
             raise AablError(f"the interrupted run in {partial_dir} used other settings or data; "
                             "run again with the same options, or without --resume to start over")
         torch.set_rng_state(rng)
-        generator.set_state(gen_state)
+        processes = len(gen_state) if gen_state.dim() == 2 else 1
+        if processes != world:
+            raise AablError(f"the interrupted run in {partial_dir} ran as {processes} process(es), this one as "
+                            f"{world}; resume with the same number of processes")
+        generator.set_state(gen_state[rank].clone() if world > 1 else gen_state)  # a row of its own
         history = json.loads(meta.get("history", "[]"))
         log(f"{desc}: resuming after epoch {start}/{settings.epochs}", quiet=quiet)
     elif resume:
@@ -111,9 +119,12 @@ def fit(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, *, optimiz
     adversarial = settings.threat is not None and settings.threat.eps > 0
     view = AttackView(model) if adversarial else None
     step_model: nn.Module = model
+    if distributed.active() and world > 1:
+        step_model = nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None)
     attack_model: nn.Module | None = view
     if settings.compile:
-        step_model = torch.compile(model)
+        step_model = torch.compile(step_model)
         attack_model = torch.compile(view) if view is not None else None
     attack = None
     if view is not None and settings.threat is not None:
@@ -130,21 +141,26 @@ def fit(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, *, optimiz
                                                desc=f"{desc} {epoch + 1}/{settings.epochs}", quiet=quiet,
                                                batches=batches, view=view, step_model=step_model,
                                                attack=attack)
-        row: dict[str, Any] = {"epoch": epoch + 1, "lr": lr, "train_loss": float(loss_sum) / seen,
-                               "train_acc": float(correct) / seen}
-        if validate is not None:
+        totals = distributed.all_reduce_sum(torch.stack([loss_sum.double(), correct.double(),
+                                                          torch.tensor(float(seen), device=device).double()]))
+        loss_total, correct_total, seen_total = totals.tolist()
+        row: dict[str, Any] = {"epoch": epoch + 1, "lr": lr, "train_loss": loss_total / seen_total,
+                               "train_acc": correct_total / seen_total}
+        if validate is not None and rank == 0:
             row.update(validate())
         row["seconds"] = time.perf_counter() - t0
-        row["images_per_s"] = n / row["seconds"]
+        row["images_per_s"] = n * world / row["seconds"]
         history.append(row)
         extra = "".join(f" {k} {row[k]:.3f}" for k in ("val_acc", "val_ra") if k in row)
         log(f"{desc} epoch {epoch + 1}/{settings.epochs}: loss {row['train_loss']:.4f} "
             f"acc {row['train_acc']:.3f}{extra} ({row['seconds']:.1f} s)", quiet=quiet)
-        save_checkpoint(model_path, epoch + 1)
-        save_state(state_path, optimizer=optimizer, epoch=epoch + 1, rng=torch.get_rng_state(),
-                   generator=generator.get_state(), meta={"resume_key": key_json, "history": json.dumps(history)},
-                   model=model)
-        write_history(history_path, history)
+        gen_states = distributed.all_gather_object(generator.get_state())
+        if rank == 0:
+            save_checkpoint(model_path, epoch + 1)
+            save_state(state_path, optimizer=optimizer, epoch=epoch + 1, rng=torch.get_rng_state(),
+                       generator=torch.stack(gen_states) if world > 1 else gen_states[0],
+                       meta={"resume_key": key_json, "history": json.dumps(history)}, model=model)
+            write_history(history_path, history)
     return history
 
 
@@ -171,6 +187,7 @@ def _train_epoch(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, *
         y = labels[idx].to(device, non_blocking=True)
         if attack is not None and view is not None:
             model.eval()  # attack with fixed batch-norm statistics, as TRADES and fast-AT do
+            distributed.broadcast_buffers(model)  # every process attacks with rank 0's statistics
             view.refresh()
             x = attack(x, y, generator)
         model.train()
@@ -240,12 +257,16 @@ def train(data: str | Path | None = None, *, workdir: str | Path = "aabl-out", a
     refuse_overlap([Path(data)] + ([] if val is None else [Path(val)]), workdir=workdir,
                    outputs=[workdir / "train", partial])
     started = time.time()
-    dev = resolve_device(device)
-    dataset = load_image_folder(data, image_size=image_size, on_bad_file=on_bad_file, cache_dir=cache_dir,
-                                quiet=quiet)
+    dev = distributed.setup(resolve_device(device))
+    quiet = quiet or not distributed.is_main()
+    with distributed.main_first():  # rank 0 fills the decode cache, the others read it
+        dataset = load_image_folder(data, image_size=image_size, on_bad_file=on_bad_file, cache_dir=cache_dir,
+                                    quiet=quiet)
+        val_set = None
+        if distributed.is_main():  # validation runs on rank 0 alone
+            val_set = _load_val(val, dataset, val_size=val_size, seed=seed, cache_dir=cache_dir, quiet=quiet)
     check_image_size(dataset)
     milestones = default_milestones(epochs) if milestones is None else sorted(milestones)
-    val_set = _load_val(val, dataset, val_size=val_size, seed=seed, cache_dir=cache_dir, quiet=quiet)
 
     seed_everything(seed)
     mean, std = channel_stats(dataset.images)
@@ -258,7 +279,8 @@ def train(data: str | Path | None = None, *, workdir: str | Path = "aabl-out", a
                 "step_size": step_size, "steps": steps, "random_start": True, "optimizer": "sgd", "lr": lr,
                 "momentum": momentum, "weight_decay": weight_decay, "batch_size": batch_size, "milestones": milestones,
                 "val": None if val is None else str(val), "val_size": val_size, "seed": seed,
-                "image_size": list(dataset.image_size), "compile": compile_model}
+                "image_size": list(dataset.image_size), "compile": compile_model,
+                "distributed": distributed.describe(batch_size)}
 
     def save(path: Path, done: int) -> None:
         save_model(path, model, arch=arch, classes=dataset.classes, image_size=dataset.image_size, stage="train",
@@ -274,8 +296,10 @@ def train(data: str | Path | None = None, *, workdir: str | Path = "aabl-out", a
             return {"val_acc": accuracy(model, vx, vy, device=dev, batch_size=256),
                     "val_ra": accuracy(model, vx, vy, device=dev, batch_size=256, threat=val_threat, generator=gen)}
 
-    prepare_partial(partial, resume)
-    images, labels = place_on_device(dataset, dev)
+    if distributed.is_main():
+        prepare_partial(partial, resume)
+    distributed.barrier()
+    images, labels = place_on_device(dataset, dev, distributed.training_shard(len(dataset)))
     history = fit(model, images, labels, optimizer=optimizer,
                   settings=LoopSettings(epochs=epochs, batch_size=batch_size, threat=threat, milestones=milestones,
                                         lr=lr, compile=compile_model),
@@ -289,16 +313,23 @@ def train(data: str | Path | None = None, *, workdir: str | Path = "aabl-out", a
         "skipped": dataset.skipped, "final": history[-1] if history else {},
         "seconds": time.time() - started,
     }
-    write_json(partial / "train.json", summary)
-    replace_dir(partial, workdir / "train")
+    if distributed.is_main():
+        write_json(partial / "train.json", summary)
+        replace_dir(partial, workdir / "train")
     return summary
 
 
-def place_on_device(dataset: ImageDataset, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """On a GPU the whole uint8 set lives on the device; on the CPU it stays in (pinned) host memory."""
+def place_on_device(dataset: ImageDataset, device: torch.device,
+                    indices: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The uint8 set (or the rows `indices`, a process's shard) where training reads it: on a
+    GPU resident on the device; on the CPU in host memory."""
+    images, labels = dataset.images, dataset.labels
+    whole = indices is None or (len(indices) == len(labels) and torch.equal(indices, torch.arange(len(labels))))
+    if not whole:  # a copy of the shard alone; the whole set stays shared (memory-mapped)
+        images, labels = images[indices], labels[indices]
     if device.type == "cuda":
-        return dataset.images.to(device), dataset.labels.to(device)
-    return dataset.images, dataset.labels
+        return images.to(device), labels.to(device)
+    return images, labels
 
 
 def _load_val(val: str | Path | None, train_set: ImageDataset, *, val_size: int, seed: int,
