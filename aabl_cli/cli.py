@@ -449,6 +449,110 @@ def demo(as_json: bool, **options: Any) -> None:
     _emit(result, as_json, describe(result))
 
 
+@cli.command("run")
+@click.argument("data", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--arch", type=click.Choice(ARCH_CHOICES), default="resnet18", show_default=True,
+              help="Network of both scan and train; cnn is a small residual CNN that is quick on a CPU.")
+@click.option("--batch-size", type=click.IntRange(2), default=128, show_default=True,
+              help="Training batch size of scan and train (per process under torchrun).")
+@click.option("--image-size", type=click.IntRange(16, 1024), default=None,
+              help="Resize images to N x N px.  [default: the most common size in the folder]")
+@click.option("--compile", "compile_model", is_flag=True, help="torch.compile scan's and train's passes.")
+@click.option("--scan-epochs", type=click.IntRange(1), default=20, show_default=True,
+              help="scan: naive training epochs (Adam).")
+@click.option("--scan-lr", type=click.FloatRange(min=0, min_open=True), default=1e-3, show_default=True,
+              help="scan: Adam learning rate.")
+@click.option("--scan-eps", type=BUDGET, default="2/255", show_default=True, help="scan: iFGSM scoring budget.")
+@click.option("--scan-step-size", type=BUDGET, default="2/255", show_default=True, help="scan: iFGSM step size.")
+@click.option("--scan-steps", type=click.IntRange(1), default=5, show_default=True, help="scan: iFGSM steps.")
+@click.option("--method", type=click.Choice(["otsu", "quantile", "fixed"]), default="otsu", show_default=True,
+              help="split: otsu, quantile (--fraction) or fixed (--threshold).")
+@click.option("--fraction", type=SHARE, default=None, help="split, --method quantile: the share to isolate.")
+@click.option("--threshold", type=float, default=None, help="split, --method fixed: isolate scores below this.")
+@click.option("--min-isolated", type=SHARE, default="0.10", show_default=True,
+              help="split, Otsu: isolate at least this share.")
+@click.option("--link", type=click.Choice(["copy", "hardlink", "symlink"]), default="copy", show_default=True,
+              help="split: how kept/ and isolated/ get their files.")
+@click.option("--fail-over", type=SHARE, default=None,
+              help="CI gate: after the split, exit 3 (before training) when more than this share is isolated.")
+@click.option("--fail-on-suspect", is_flag=True,
+              help="CI gate: after the split, exit 3 (before training) when the verdict is 'backdoor suspected'.")
+@click.option("--train-epochs", type=click.IntRange(1), default=100, show_default=True, help="train: epochs.")
+@click.option("--train-eps", type=BUDGET, default="8/255", show_default=True,
+              help="train: PGD budget; 0 trains plainly.")
+@click.option("--train-step-size", type=BUDGET, default="2/255", show_default=True, help="train: PGD step size.")
+@click.option("--train-steps", type=click.IntRange(1), default=10, show_default=True, help="train: PGD steps.")
+@click.option("--adv-method", type=click.Choice(["pgd", "fgsm-rs"]), default="pgd", show_default=True,
+              help="train: pgd, or fgsm-rs (one FGSM step of 1.25 x eps from a random start).")
+@click.option("--train-lr", type=click.FloatRange(min=0, min_open=True), default=0.1, show_default=True,
+              help="train: SGD learning rate; left at its default it scales with the effective batch.")
+@click.option("--momentum", type=click.FloatRange(0, 1), default=0.9, show_default=True, help="train: SGD momentum.")
+@click.option("--weight-decay", type=click.FloatRange(min=0), default=5e-4, show_default=True,
+              help="train: SGD weight decay.")
+@click.option("--milestones", default=None,
+              help="train: epochs at which the learning rate drops x0.1.  [default: 50 %, 75 % and 90 %]")
+@click.option("--val", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
+              help="train: image folder evaluated after each epoch.")
+@click.option("--dry-run", is_flag=True,
+              help="Print the plan (which stages run, which are already done) and an estimated time for this "
+                   "machine, measured on a few training steps; run nothing.")
+@common_options
+def run(data: Path, as_json: bool, dry_run: bool, **o: Any) -> None:
+    """Scan, split and train DATA in one work directory: the whole method in one command.
+
+    A stage whose JSON already records the same settings and data is not redone, so the
+    same command continues a run that stopped; an interrupted stage resumes from its last
+    finished epoch. Options of one stage carry its name (--scan-epochs, --train-eps, ...).
+    """
+    from aabl_cli.distributed import env_world_size, launched_as_main
+    from aabl_cli.pipeline import run_pipeline
+    from aabl_cli.progress import log
+
+    ctx = click.get_current_context()
+    effective = o["batch_size"] * env_world_size()
+    if ctx.get_parameter_source("train_lr") == click.core.ParameterSource.DEFAULT and effective != 128:
+        o["train_lr"] = o["train_lr"] * effective / 128
+        log(f"train: effective batch {effective}: learning rate scaled to {o['train_lr']:.4g} "
+            "(pass --train-lr to set it yourself)", quiet=o["quiet"] or not launched_as_main())
+    common = {k: o[k] for k in ("device", "seed", "cache_dir", "on_bad_file", "image_size")}
+    shared = {"arch": o["arch"], "batch_size": o["batch_size"], "seed": o["seed"], "compile_model": o["compile_model"]}
+    scan_opts = {"epochs": o["scan_epochs"], "lr": o["scan_lr"], "eps": o["scan_eps"],
+                 "step_size": o["scan_step_size"], "steps": o["scan_steps"], "resume": "auto", **shared}
+    split_opts = {k: o[k] for k in ("method", "fraction", "threshold", "min_isolated", "link", "fail_over",
+                                    "fail_on_suspect")}
+    train_opts = {"epochs": o["train_epochs"], "eps": o["train_eps"], "step_size": o["train_step_size"],
+                  "steps": o["train_steps"], "adv_method": o["adv_method"], "lr": o["train_lr"],
+                  "momentum": o["momentum"], "weight_decay": o["weight_decay"], "val": o["val"], "resume": "auto",
+                  "milestones": _parse_milestones(o["milestones"], o["train_epochs"]), **shared}
+    _check_run_options(o)
+    summary = run_pipeline(data, workdir=o["workdir"], scan_opts=scan_opts, split_opts=split_opts,
+                           train_opts=train_opts, common={k: v for k, v in common.items() if k != "seed"},
+                           dry_run=dry_run, quiet=o["quiet"])
+    if not launched_as_main():
+        return
+    if dry_run:
+        _emit(summary, as_json, "\n".join(summary["lines"]))
+        return
+    gates = summary["split"].get("gates", [])
+    if gates:
+        _emit(summary, as_json, "training skipped: a split gate tripped")
+        raise GateFailed("; ".join(gates))
+    accuracy = summary["train"].get("final", {}).get("train_acc", float("nan"))
+    split_summary = summary["split"]
+    text = (f"kept {split_summary['kept']} of {split_summary['samples']} images (isolated "
+            f"{split_summary['isolated_fraction']:.1%}, verdict: {split_summary['verdict']}); trained "
+            f"{summary['train']['settings']['epochs']} epochs: train accuracy {accuracy:.1%}\n"
+            f"wrote {o['workdir']}/ (scan/, split/, train/)")
+    _emit(summary, as_json, text)
+
+
+def _check_run_options(o: dict[str, Any]) -> None:
+    if o["method"] == "quantile" and o["fraction"] is None:
+        raise click.BadParameter("--method quantile needs --fraction (the share to isolate)", param_hint="--fraction")
+    if o["method"] == "fixed" and o["threshold"] is None:
+        raise click.BadParameter("--method fixed needs --threshold", param_hint="--threshold")
+
+
 def _parse_milestones(text: str | None, epochs: int) -> list[int] | None:
     if text is None:
         return None

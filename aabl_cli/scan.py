@@ -86,7 +86,7 @@ def write_scores(path: Path, dataset: ImageDataset, scores: dict[str, np.ndarray
 def scan(data: str | Path, *, workdir: str | Path = "aabl-out", arch: str = "resnet18", epochs: int = 20,
          lr: float = 1e-3, batch_size: int = 128, eps: float = 2 / 255, step_size: float = 2 / 255,
          steps: int = 5, alpha: float = 0.1, beta: float = 1.0, model: str | Path | None = None, seed: int = 0,
-         device: str = "auto", resume: bool = False, quiet: bool = False, cache_dir: str | Path | None = None,
+         device: str = "auto", resume: bool | str = False, quiet: bool = False, cache_dir: str | Path | None = None,
          on_bad_file: str = "error", image_size: int | None = None, compile_model: bool = False) -> dict[str, Any]:
     """Naive training (Adam, no weight decay, crop+flip) then iFGSM scoring of every sample.
 

@@ -193,6 +193,17 @@ def read_scores(path: Path) -> tuple[dict[str, Any], list[str], np.ndarray, np.n
     return scan, paths, np.array(labels, dtype=np.int64), np.array(scores, dtype=np.float64)
 
 
+def gates_for(summary: dict[str, Any], *, fail_over: float | None, fail_on_suspect: bool) -> list[str]:
+    """The CI gates a split summary trips: more isolated than `fail_over`, or a suspected backdoor."""
+    gates = []
+    if fail_over is not None and summary["isolated_fraction"] > fail_over:
+        gates.append(f"isolated {summary['isolated_fraction']:.1%} of the set, more than --fail-over "
+                     f"{fail_over:.1%}")
+    if fail_on_suspect and summary["verdict"] == "backdoor suspected":
+        gates.append(f"backdoor suspected (class {summary['suspected_class']!r}) and --fail-on-suspect is set")
+    return gates
+
+
 def split(scores: str | Path | None = None, *, workdir: str | Path = "aabl-out", method: str = "otsu",
           fraction: float | None = None, threshold: float | None = None, min_isolated: float = 0.10,
           link: str = "copy", fail_over: float | None = None, fail_on_suspect: bool = False) -> dict[str, Any]:
@@ -246,13 +257,7 @@ def split(scores: str | Path | None = None, *, workdir: str | Path = "aabl-out",
         write_image_folder(out / "kept", root, [p for p, k in zip(paths, kept) if k], link=link)
         write_image_folder(out / "isolated", root, [p for p, i in zip(paths, isolated) if i], link=link)
         _write_split_csv(out / "split.csv", paths, labels, values, kept, truth)
-        gates = []
-        if fail_over is not None and summary["isolated_fraction"] > fail_over:
-            gates.append(f"isolated {summary['isolated_fraction']:.1%} of the set, more than --fail-over "
-                         f"{fail_over:.1%}")
-        if fail_on_suspect and summary["verdict"] == "backdoor suspected":
-            gates.append(f"backdoor suspected (class {summary['suspected_class']!r}) and --fail-on-suspect is set")
-        summary["gates"] = gates
+        summary["gates"] = gates_for(summary, fail_over=fail_over, fail_on_suspect=fail_on_suspect)
         summary["seconds"] = time.time() - started
         write_json(out / "split.json", summary)
     return summary

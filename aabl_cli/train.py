@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from safetensors import safe_open
 from torch import nn
 
 from aabl_cli import __version__, distributed
@@ -77,7 +78,7 @@ class LoopSettings:
 
 
 def fit(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, *, optimizer: torch.optim.Optimizer,
-        settings: LoopSettings, device: torch.device, seed: int, partial_dir: Path, resume: bool,
+        settings: LoopSettings, device: torch.device, seed: int, partial_dir: Path, resume: bool | str,
         save_checkpoint: Callable[[Path, int], None], resume_key: dict[str, Any], desc: str, quiet: bool,
         validate: Callable[[], dict[str, float]] | None = None) -> list[dict[str, Any]]:
     """Train `model` in place for `settings.epochs`, saving resume state after every epoch.
@@ -85,7 +86,8 @@ def fit(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, *, optimiz
     `images` uint8 (N, C, H, W) and `labels` int64 (N,) may live on the CPU or on `device`.
     Resume state (model, optimizer, RNG, history) lives in one file in `partial_dir`,
     written after the epoch's model, so a kill at any moment resumes from the last complete
-    epoch; with `resume` a run continues after it, and must have the same `resume_key`.
+    epoch; with `resume` a run continues after it, and must have the same `resume_key`
+    (`resume="auto"`: continues when it has, starts over when it has not).
     Under torchrun each process passes its own shard (all of the same size) and the model
     trains wrapped in DistributedDataParallel; only rank 0 writes, and the state file holds
     every process's sampling generator. Returns the per-epoch history rows.
@@ -98,6 +100,10 @@ def fit(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, *, optimiz
     history: list[dict[str, Any]] = []
     start = 0
     key_json = json.dumps(resume_key, sort_keys=True)
+    if resume == "auto" and state_path.exists() and _resume_key(state_path) != key_json:
+        log(f"{desc}: the interrupted run in {partial_dir} used other settings or data; starting over",
+            quiet=quiet)
+        resume = False
     if resume and state_path.exists():
         start, rng, gen_state, meta = load_state(state_path, optimizer, model=model)
         if meta.get("resume_key") != key_json:
@@ -111,7 +117,7 @@ def fit(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, *, optimiz
         generator.set_state(gen_state[rank].clone() if world > 1 else gen_state)  # a row of its own
         history = json.loads(meta.get("history", "[]"))
         log(f"{desc}: resuming after epoch {start}/{settings.epochs}", quiet=quiet)
-    elif resume:
+    elif resume is True:
         log(f"{desc}: nothing to resume in {partial_dir}; starting from scratch", quiet=quiet)
 
     n = images.shape[0]
@@ -162,6 +168,14 @@ def fit(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, *, optimiz
                        meta={"resume_key": key_json, "history": json.dumps(history)}, model=model)
             write_history(history_path, history)
     return history
+
+
+def _resume_key(state_path: Path) -> str | None:
+    try:
+        with safe_open(str(state_path), framework="pt") as fh:
+            return (fh.metadata() or {}).get("resume_key")
+    except Exception:  # noqa: BLE001 - a damaged state: load_state reports it
+        return None
 
 
 def _train_epoch(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, *, optimizer: torch.optim.Optimizer,
@@ -222,7 +236,7 @@ def write_history(path: Path, rows: list[dict[str, Any]]) -> None:
     tmp.replace(path)
 
 
-def prepare_partial(partial: Path, resume: bool) -> None:
+def prepare_partial(partial: Path, resume: bool | str) -> None:
     """The stage's in-progress folder: kept for --resume, otherwise started afresh."""
     if partial.exists() and not resume:
         shutil.rmtree(partial)
@@ -233,7 +247,7 @@ def train(data: str | Path | None = None, *, workdir: str | Path = "aabl-out", a
           epochs: int = 100, eps: float = 8 / 255, step_size: float = 2 / 255, steps: int = 10,
           lr: float = 0.1, momentum: float = 0.9, weight_decay: float = 5e-4, batch_size: int = 128,
           milestones: list[int] | None = None, val: str | Path | None = None, val_size: int = 1000,
-          seed: int = 0, device: str = "auto", resume: bool = False, quiet: bool = False,
+          seed: int = 0, device: str = "auto", resume: bool | str = False, quiet: bool = False,
           cache_dir: str | Path | None = None, on_bad_file: str = "error",
           image_size: int | None = None, adv_method: str = "pgd", compile_model: bool = False) -> dict[str, Any]:
     """PGD adversarial training from scratch (Madry et al.); `eps=0` trains plainly.
