@@ -18,7 +18,9 @@ from typing import Any
 
 import torch
 
+from aabl_cli import distributed
 from aabl_cli.data import dataset_fingerprint, list_image_folder, load_image_folder
+from aabl_cli.device import resolve_device
 from aabl_cli.errors import AablError
 from aabl_cli.progress import log
 from aabl_cli.train import default_milestones
@@ -144,7 +146,7 @@ def plan(data: Path, workdir: Path, scan_opts: dict[str, Any], split_opts: dict[
 def estimate(result: Plan, scan_opts: dict[str, Any], train_opts: dict[str, Any], *, device: str,
              image_size: int | None) -> None:
     """Time a few training steps of each stage's network here and extrapolate the stages."""
-    from aabl_cli.device import prepare_model, resolve_device
+    from aabl_cli.device import prepare_model
     from aabl_cli.models import build_model
 
     dev = resolve_device(device)
@@ -206,24 +208,23 @@ def run_pipeline(data: str | Path, *, workdir: str | Path, scan_opts: dict[str, 
                  image_size=common.get("image_size"))
         return {"plan": result.status, "estimate_s": result.estimate_s, "images": result.images,
                 "lines": result.lines()}
+    distributed.setup(resolve_device(common.get("device", "auto")))  # under torchrun: join the group now
     for line in result.lines():
-        log(line, quiet=quiet)
+        log(line, quiet=quiet or not distributed.is_main())
     summary: dict[str, Any] = {"plan": dict(result.status)}
     started = time.time()
     if result.status["scan"] != "done":
         summary["scan"] = scan(data, workdir=workdir, quiet=quiet, **common, **scan_opts)
-    if result.status["split"] != "done":
+    if result.status["split"] != "done" and distributed.is_main():  # split runs in one process
         summary["split"] = split(workdir=workdir, **split_opts)
-        if summary["split"]["gates"]:
-            summary["seconds"] = time.time() - started
-            return summary  # the caller reports the tripped gate; training is skipped
-    else:
+    distributed.barrier()
+    if "split" not in summary:
         summary["split"] = json.loads((workdir / "split" / "split.json").read_text())
         summary["split"]["gates"] = gates_for(summary["split"], fail_over=split_opts.get("fail_over"),
                                               fail_on_suspect=split_opts.get("fail_on_suspect", False))
-        if summary["split"]["gates"]:
-            summary["seconds"] = time.time() - started
-            return summary
+    if summary["split"]["gates"]:
+        summary["seconds"] = time.time() - started
+        return summary  # the caller reports the tripped gate; training is skipped
     if result.status["train"] != "done":
         summary["train"] = train(None, workdir=workdir, quiet=quiet, **common, **train_opts)
     else:

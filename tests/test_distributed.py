@@ -148,3 +148,14 @@ def test_two_process_training_killed_then_resumed(data: Path, tmp_path: Path) ->
     b = load_file(str(work / "train" / "model.safetensors"))
     assert a.keys() == b.keys()
     assert all(torch.allclose(a[k].float(), b[k].float(), atol=1e-5) for k in a)
+
+
+def test_run_in_two_processes(data: Path, tmp_path: Path) -> None:
+    work = tmp_path / "w"
+    done = run(torchrun("run", data, "--arch", "cnn", "--scan-epochs", "2", "--train-epochs", "1", "--train-steps", "1",
+                        "--method", "quantile", "--fraction", "0.1", "--workdir", work, "--cache-dir",
+                        tmp_path / "cache", "--device", "cpu"))
+    assert done.stdout.count("kept 67 of 75 images") == 1  # split ran once, rank 0 reports
+    assert sorted(p.name for p in work.iterdir()) == ["scan", "split", "train"]
+    train_json = json.loads((work / "train" / "train.json").read_text())
+    assert train_json["settings"]["distributed"]["world_size"] == 2 and train_json["samples"] == 67
