@@ -38,7 +38,10 @@ PAPER_RA = Threat()  # RA in the paper: PGD-10, eps 8/255, step 2/255, random st
 
 
 def to_float(batch: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """uint8 (N, C, H, W) -> float32 in [0, 1] on `device` (converted per batch, never the whole set)."""
+    """uint8 (N, C, H, W) -> float32 in [0, 1] on `device` (converted per batch, never the whole set).
+    A host batch bound for a GPU goes through pinned memory, so the copy runs asynchronously."""
+    if device.type == "cuda" and batch.device.type == "cpu":
+        batch = batch.pin_memory()
     x = batch.to(device, non_blocking=True).float().div_(255.0)
     return x.contiguous(memory_format=torch.channels_last) if device.type == "cuda" else x
 

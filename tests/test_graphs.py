@@ -113,3 +113,12 @@ def test_bf16_replay_reaches_the_eager_loss():
         clean, loss_got, loss_want = (F.cross_entropy(view(v), y).item() for v in (x, got, want))
     assert loss_want > clean
     assert loss_got == pytest.approx(loss_want, rel=0.02)
+
+
+@cuda
+def test_host_batches_reach_the_gpu_through_pinned_memory():
+    from aabl_cli.evaluate import to_float
+
+    batch = torch.randint(0, 256, (8, 3, 16, 16), dtype=torch.uint8)
+    on_gpu = to_float(batch, torch.device("cuda"))
+    assert on_gpu.is_cuda and torch.equal(on_gpu.cpu(), to_float(batch, torch.device("cpu")))
