@@ -299,16 +299,10 @@ def train(data: Path | None, milestones: str | None, as_json: bool, **options: A
 
     Writes WORKDIR/train/: model.safetensors, train.json and history.csv.
     """
-    from aabl_cli.distributed import env_world_size, launched_as_main
-    from aabl_cli.progress import log
+    from aabl_cli.distributed import launched_as_main
     from aabl_cli.train import train as run_train
 
-    ctx = click.get_current_context()
-    effective = options["batch_size"] * env_world_size()  # one batch per torchrun process
-    if ctx.get_parameter_source("lr") == click.core.ParameterSource.DEFAULT and effective != 128:
-        options["lr"] = options["lr"] * effective / 128
-        log(f"train: effective batch {effective}: learning rate scaled to {options['lr']:.4g} "
-            "(pass --lr to set it yourself)", quiet=options["quiet"] or not launched_as_main())
+    options["lr"] = _scaled_lr(options, "lr")
     summary = run_train(data, milestones=_parse_milestones(milestones, options["epochs"]), **options)
     if not launched_as_main():
         return
@@ -504,16 +498,10 @@ def run(data: Path, as_json: bool, dry_run: bool, **o: Any) -> None:
     same command continues a run that stopped; an interrupted stage resumes from its last
     finished epoch. Options of one stage carry its name (--scan-epochs, --train-eps, ...).
     """
-    from aabl_cli.distributed import env_world_size, launched_as_main
+    from aabl_cli.distributed import launched_as_main
     from aabl_cli.pipeline import run_pipeline
-    from aabl_cli.progress import log
 
-    ctx = click.get_current_context()
-    effective = o["batch_size"] * env_world_size()
-    if ctx.get_parameter_source("train_lr") == click.core.ParameterSource.DEFAULT and effective != 128:
-        o["train_lr"] = o["train_lr"] * effective / 128
-        log(f"train: effective batch {effective}: learning rate scaled to {o['train_lr']:.4g} "
-            "(pass --train-lr to set it yourself)", quiet=o["quiet"] or not launched_as_main())
+    o["train_lr"] = _scaled_lr(o, "train_lr")
     common = {k: o[k] for k in ("device", "seed", "cache_dir", "on_bad_file", "image_size")}
     shared = {"arch": o["arch"], "batch_size": o["batch_size"], "seed": o["seed"], "compile_model": o["compile_model"]}
     scan_opts = {"epochs": o["scan_epochs"], "lr": o["scan_lr"], "eps": o["scan_eps"],
@@ -551,6 +539,22 @@ def _check_run_options(o: dict[str, Any]) -> None:
         raise click.BadParameter("--method quantile needs --fraction (the share to isolate)", param_hint="--fraction")
     if o["method"] == "fixed" and o["threshold"] is None:
         raise click.BadParameter("--method fixed needs --threshold", param_hint="--threshold")
+
+
+def _scaled_lr(options: dict[str, Any], name: str) -> float:
+    """SGD's learning rate: left at its default it follows the effective batch (batch per process x
+    torchrun processes) by the linear scaling rule, 0.1 x batch / 128; given explicitly it is kept."""
+    from aabl_cli.distributed import env_world_size, launched_as_main
+    from aabl_cli.progress import log
+
+    lr = options[name]
+    effective = options["batch_size"] * env_world_size()
+    if click.get_current_context().get_parameter_source(name) != click.core.ParameterSource.DEFAULT or effective == 128:
+        return lr
+    scaled = lr * effective / 128
+    log(f"train: effective batch {effective}: learning rate scaled to {scaled:.4g} "
+        f"(pass --{name.replace('_', '-')} to set it yourself)", quiet=options["quiet"] or not launched_as_main())
+    return scaled
 
 
 def _parse_milestones(text: str | None, epochs: int) -> list[int] | None:

@@ -125,3 +125,13 @@ def test_an_interrupted_stage_resumes_or_starts_over(tiny_data: Path, tmp_path: 
     train(tiny_data, epochs=2, resume="auto", **common)
     assert "used other settings or data; starting over" in capsys.readouterr().err
     assert json.loads((work / "train" / "train.json").read_text())["final"]["epoch"] == 2
+
+
+def test_run_scales_the_training_learning_rate_with_the_batch(tiny_data: Path, tmp_path: Path) -> None:
+    work, cache = tmp_path / "w", tmp_path / "c"
+    result = invoke("run", tiny_data, "--workdir", work, "--cache-dir", cache, "--dry-run", "--json",
+                    *FAST[:-2], "--device", "cpu")
+    assert "learning rate scaled to 0.0125" in result.output  # --batch-size 16: 0.1 x 16 / 128
+    explicit = invoke("run", tiny_data, "--workdir", work, "--cache-dir", cache, "--dry-run", "--train-lr", "0.05",
+                      *FAST)
+    assert explicit.exit_code == 0 and "scaled" not in explicit.output
