@@ -1,0 +1,124 @@
+"""Does each attack implant a backdoor? A naive model per attack, its ACC and ASR.
+
+    python benchmarks/attacks.py TRAIN TEST --work DIR [--attacks badnets,blend,...]
+        [--epochs 20] [--arch cnn] [--device auto] [--md benchmarks/ATTACKS.md]
+
+For every attack (and `none`, the clean subset, as the reference), through the real CLI:
+  aabl poison TRAIN --attack A --out DIR/A/train           (timed: the generation time)
+  aabl poison TEST  --attack A --test --out DIR/A/test     (iab/ssba reuse the trigger)
+  aabl train  DIR/A/train --eps 0 --epochs 20 --arch cnn   (a naive model)
+  aabl evaluate MODEL TEST --poisoned DIR/A/test --eps 0   (ACC on TEST, ASR)
+`none` is evaluated on badnets' ASR set. Each attack's result is kept in
+DIR/results.json as soon as it is done, and a rerun skips finished attacks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import platform
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ATTACKS = ("none", "badnets", "blend", "blend-noise", "trojan", "wanet", "iab", "ssba", "clb")
+VARIANTS = {"blend-noise": ["--attack", "blend", "--pattern", "noise"]}  # name -> poison options
+
+
+def aabl(*args: str | Path) -> str:
+    cmd = [sys.executable, "-m", "aabl_cli", *map(str, args)]
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise SystemExit(f"{' '.join(cmd)} failed ({done.returncode}):\n{done.stderr[-3000:]}")
+    return done.stdout
+
+
+def run_attack(attack: str, args: argparse.Namespace) -> dict[str, float | str]:
+    base = args.work / attack
+    if base.exists():
+        shutil.rmtree(base)
+    base.mkdir(parents=True)
+    common = ["--device", args.device, "--cache-dir", args.work / "cache", "--quiet"]
+    generation = 0.0
+    train_dir, test_dir = args.train, args.work / "badnets" / "test"
+    if attack != "none":
+        train_dir, test_dir = base / "train", base / "test"
+        t0 = time.perf_counter()
+        chosen = VARIANTS.get(attack, ["--attack", attack])
+        aabl("poison", args.train, *chosen, "--target", "0", "--out", train_dir,
+             "--preview", base / "preview.png", "--seed", args.seed, *common)
+        generation = time.perf_counter() - t0
+        trigger = ["--trigger", train_dir / "trigger.safetensors"] if attack in ("iab", "ssba") else []
+        aabl("poison", args.test, *chosen, "--target", "0", "--test", "--out", test_dir,
+             "--seed", args.seed, *trigger, *common)
+    t0 = time.perf_counter()
+    aabl("train", train_dir, "--eps", "0", "--epochs", args.epochs, "--arch", args.arch, "--workdir", base / "wd",
+         "--seed", args.seed, *common)
+    training = time.perf_counter() - t0
+    result = json.loads(aabl("evaluate", base / "wd" / "train" / "model.safetensors", args.test,
+                             "--poisoned", test_dir, "--eps", "0", "--device", args.device,
+                             "--cache-dir", args.work / "cache", "--quiet"))
+    poisoned = "-"
+    if attack != "none":
+        with open(train_dir / "poison.csv", newline="") as fh:
+            poisoned = str(sum(1 for row in csv.DictReader(fh) if row["poisoned"] == "1"))
+    return {"attack": attack, "poisoned": poisoned, "generation_s": generation, "train_s": training,
+            "acc": result["acc"], "asr": result["asr"], "device": _device_name(args.device)}
+
+
+def _device_name(device: str) -> str:
+    import torch
+
+    if device != "cpu" and torch.cuda.is_available():
+        return torch.cuda.get_device_name()
+    return f"CPU ({platform.machine()})"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("train", type=Path, help="training image folder (e.g. a 10,000-image CIFAR-10 subset)")
+    parser.add_argument("test", type=Path, help="test image folder (clean accuracy; its triggered copy gives ASR)")
+    parser.add_argument("--work", type=Path, required=True, help="scratch folder for poisoned sets and models")
+    parser.add_argument("--attacks", default=",".join(ATTACKS), help="comma-separated; none = the clean subset")
+    parser.add_argument("--epochs", default="20")
+    parser.add_argument("--arch", default="cnn")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--seed", default="0")
+    parser.add_argument("--md", type=Path, default=None, help="append the table to this Markdown file")
+    args = parser.parse_args()
+    attacks = [a for a in args.attacks.split(",") if a]
+    if "none" in attacks and "badnets" in attacks:  # none borrows badnets' ASR set
+        attacks.remove("none")
+        attacks.insert(attacks.index("badnets") + 1, "none")
+    args.work.mkdir(parents=True, exist_ok=True)
+    store = args.work / "results.json"
+    results = json.loads(store.read_text()) if store.exists() else {}
+    for attack in attacks:
+        if attack in results:
+            continue
+        print(f"{attack} ...", flush=True)
+        results[attack] = run_attack(attack, args)
+        print(json.dumps(results[attack]), flush=True)
+        store.write_text(json.dumps(results, indent=2))
+
+    lines = [f"### Naive `{args.arch}` models, {args.epochs} epochs", "",
+             f"Training set `{args.train.name}`, test set `{args.test.name}`; target class 0; seed {args.seed}. "
+             "Times are wall-clock seconds of the whole command on the device named in its row.", "",
+             "| attack | poisoned images | generation (s) | naive training (s) | ACC | ASR | device |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | --- |"]
+    for attack in (a for a in ATTACKS if a in results):
+        r = results[attack]
+        lines.append(f"| {attack} | {r['poisoned']} | {r['generation_s']:.1f} | {r['train_s']:.1f} | "
+                     f"{r['acc']:.1%} | {r['asr']:.1%} | {r.get('device', '?')} |")
+    table = "\n".join(lines) + "\n"
+    print(table)
+    if args.md:
+        with open(args.md, "a") as fh:
+            fh.write("\n" + table)
+
+
+if __name__ == "__main__":
+    main()
