@@ -24,3 +24,31 @@ def test_pipeline_script_is_valid_bash():
     result = subprocess.run(["bash", "-n", str(ROOT / "examples" / "pipeline.sh")], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
 
+
+
+def _ci_step(data, workdir, **env):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "DATA": str(data), "WORKDIR": str(workdir), "ARCH": "cnn",
+           "EPOCHS": "1", **env}
+    env["XDG_CACHE_HOME"] = str(workdir.parent / "cache")
+    return subprocess.run(["bash", str(ROOT / "examples" / "ci-clean-data.sh")], capture_output=True, text=True,
+                          timeout=300, env=env)
+
+
+def test_ci_cleaning_step_publishes_the_split_and_gates(tiny_data, tmp_path):
+    passed = _ci_step(tiny_data, tmp_path / "ok", FAIL_OVER="1")
+    assert passed.returncode in (0, 3), passed.stderr  # 3 only through --fail-on-suspect
+    for path in ("split/kept", "split/isolated", "split/split.json", "scan/scores.png"):
+        assert (tmp_path / "ok" / path).exists(), path
+    gated = _ci_step(tiny_data, tmp_path / "gate", FAIL_OVER="0.01")
+    assert gated.returncode == 3 and "more than --fail-over 1.0%" in gated.stderr
+    assert (tmp_path / "gate" / "split" / "kept").is_dir()  # written before the gate tripped
+
+
+def test_workflow_runs_the_ci_step_and_publishes_its_outputs():
+    workflow = (ROOT / "examples" / "github-actions.yml").read_text()
+    assert "run: bash examples/ci-clean-data.sh" in workflow
+    assert "if: always()" in workflow and "actions/upload-artifact" in workflow
+    script = (ROOT / "examples" / "ci-clean-data.sh").read_text()
+    for path in ("split/kept", "split/isolated", "split/split.json", "scan/scores.png"):
+        assert f"{{{{ env.WORKDIR }}}}/{path}" in workflow and path in script
+    assert all(f"{name}:" in workflow for name in ("DATA", "WORKDIR", "FAIL_OVER"))

@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# A data-cleaning step for CI: scan a training folder, split off the suspicious images, and
+# fail the job (exit 3) when more than FAIL_OVER of the set is isolated or a backdoor is
+# suspected. Everything is written before the gate trips, so the job can still publish it:
+#   WORKDIR/split/kept/      the cleaned folder (train on this)
+#   WORKDIR/split/isolated/  what was cut away, for a person to look at
+#   WORKDIR/split/split.json the verdict, gamma and per-class shares
+#   WORKDIR/scan/scores.png  the score histogram with the threshold
+#
+#   DATA=./data bash examples/ci-clean-data.sh          (ARCH, EPOCHS, FAIL_OVER, WORKDIR optional)
+set -euo pipefail
+data=${DATA:?set DATA to the image folder to clean}
+workdir=${WORKDIR:-aabl-out}
+arch=${ARCH:-cnn}           # cnn suits a CI runner's CPU; resnet18 wants a GPU
+epochs=${EPOCHS:-20}
+fail_over=${FAIL_OVER:-0.2}
+
+aabl scan "$data" --arch "$arch" --epochs "$epochs" --workdir "$workdir"
+aabl split --workdir "$workdir" --fail-over "$fail_over" --fail-on-suspect
