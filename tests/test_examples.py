@@ -52,3 +52,24 @@ def test_workflow_runs_the_ci_step_and_publishes_its_outputs():
     for path in ("split/kept", "split/isolated", "split/split.json", "scan/scores.png"):
         assert f"{{{{ env.WORKDIR }}}}/{path}" in workflow and path in script
     assert all(f"{name}:" in workflow for name in ("DATA", "WORKDIR", "FAIL_OVER"))
+
+
+def test_torchvision_export_writes_an_image_folder_aabl_reads(tmp_path):
+    import random
+
+    from PIL import Image
+
+    sys.path.insert(0, str(ROOT / "examples"))
+    try:
+        from export_torchvision import export
+    finally:
+        sys.path.pop(0)
+    from aabl_cli.data import load_image_folder
+
+    rng = random.Random(0)
+    fake = [(Image.new("RGB", (40, 30), tuple(rng.randrange(256) for _ in range(3))), i % 3) for i in range(12)]
+    assert export(fake, ["a", "b", "c"], tmp_path / "out", size=32) == 12
+    data = load_image_folder(tmp_path / "out", cache_dir=tmp_path / "cache", quiet=True)
+    assert data.classes == ["a", "b", "c"] and data.class_counts() == [4, 4, 4]
+    assert tuple(data.image_size) == (32, 32)
+    assert sorted(p.name for p in (tmp_path / "out" / "b").iterdir()) == ["01.png", "04.png", "07.png", "10.png"]
