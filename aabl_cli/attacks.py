@@ -23,15 +23,22 @@ def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float, step_
         delta = (x + delta).clamp(0, 1) - x
     else:
         delta = torch.zeros_like(x)
+    return (x + pgd_steps(model, x, y, delta, eps=eps, step_size=step_size, steps=steps)).detach()
+
+
+def pgd_steps(model: nn.Module, x: torch.Tensor, y: torch.Tensor, delta: torch.Tensor, *, eps: float,
+              step_size: float, steps: int) -> torch.Tensor:
+    """`steps` signed-gradient steps from the perturbation `delta`, each projected onto the eps
+    ball and the [0, 1] box; returns the final perturbation (float32, like `delta`)."""
     for _ in range(steps):
-        delta.requires_grad_(True)
+        delta = delta.detach().requires_grad_(True)
         # Sum, not mean: the step direction is the sign and must not depend on batch size.
         loss = F.cross_entropy(model(x + delta), y, reduction="sum")
         (grad,) = torch.autograd.grad(loss, delta)
         with torch.no_grad():
             delta = (delta + step_size * grad.sign()).clamp(-eps, eps)
             delta = (x + delta).clamp(0, 1) - x
-    return (x + delta).detach()
+    return delta
 
 
 def ifgsm(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float, step_size: float,

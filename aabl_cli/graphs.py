@@ -17,10 +17,9 @@ from __future__ import annotations
 import warnings
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from aabl_cli.attacks import pgd
+from aabl_cli.attacks import pgd, pgd_steps
 
 WARMUP = 3  # eager runs on a side stream before recording (autograd and cuDNN set themselves up)
 MAX_GRAPHS = 4  # recorded batch shapes per attack (each holds its own activation memory)
@@ -75,16 +74,9 @@ class GraphedAttack:
         return io["out"].clone()
 
     def _steps(self, x: torch.Tensor, y: torch.Tensor, start: torch.Tensor) -> torch.Tensor:
-        delta = start
-        for _ in range(self.steps):
-            delta = delta.detach().requires_grad_(True)
-            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.amp, cache_enabled=False):
-                logits = self.model(x + delta)
-            loss = F.cross_entropy(logits.float(), y, reduction="sum")
-            (grad,) = torch.autograd.grad(loss, delta)
-            delta = (delta.detach() + self.step_size * grad.sign()).clamp(-self.eps, self.eps)
-            delta = (x + delta).clamp(0, 1) - x
-        return x + delta
+        # no autocast weight cache: a recorded graph must cast the weights it reads at every replay
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.amp, cache_enabled=False):
+            return x + pgd_steps(self.model, x, y, start, eps=self.eps, step_size=self.step_size, steps=self.steps)
 
     def _record(self, x: torch.Tensor, y: torch.Tensor,
                 start: torch.Tensor) -> tuple[torch.cuda.CUDAGraph, dict[str, torch.Tensor]]:
