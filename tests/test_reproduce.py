@@ -1,0 +1,83 @@
+"""benchmarks/reproduce.py: finished configurations are skipped and its tables say what was measured."""
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture()
+def reproduce(tmp_path, monkeypatch):
+    spec = importlib.util.spec_from_file_location("reproduce", ROOT / "benchmarks" / "reproduce.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    monkeypatch.setattr(module, "RESULTS", tmp_path / "results")
+    return module
+
+
+def _result(dataset, attack, mode, **numbers):
+    row = {"dataset": dataset, "attack": attack, "mode": mode, "category": "A", "arch": "cnn", "scan_epochs": 20,
+           "train_epochs": 20, "train_steps": 5, "train_batch": 64, "seed": "0", "device": "CPU (x86_64, 2 cores)",
+           "torch": "2.x", "seconds": {"train": 1200.0}, "acc": 0.5, "ra": 0.25, "asr": 0.03}
+    if mode == "aabl":
+        row.update(gamma=0.8, rho_vul=0.0125, recall=0.9, verdict="backdoor suspected", naive_acc=0.6,
+                   naive_asr=0.95)
+    row.update(numbers)
+    return row
+
+
+def test_tables_hold_ours_beside_the_papers_and_list_what_is_missing(reproduce):
+    store = reproduce.RESULTS / "cpu"
+    store.mkdir(parents=True)
+    (store / "cifar10-badnets-aabl.json").write_text(json.dumps(_result("cifar10", "badnets", "aabl")))
+    (store / "cifar10-badnets-advtrain.json").write_text(
+        json.dumps(_result("cifar10", "badnets", "advtrain", asr=0.99)))
+    text = reproduce.render("cpu")
+    assert f"2 of {len(reproduce.CONFIGS)} configurations finished" in text
+    # Table 1 row: our gamma, rho_vul, recall, naive ASR; the paper's gamma and rho_vul for BadNets
+    assert "| cifar10 | badnets | A | 80.0 | 1.25 | 90.0 | backdoor suspected | 60.0 | 95.0 | 82.34 | 0.13 |" in text
+    # Table 3 rows: A-ABL beside the paper's A-ABL, Adv. Train beside the paper's Adv. Train
+    assert "| cifar10 | badnets | A-ABL | 50.0 | 25.0 | 3.0 | 83.59 | 46.63 | 1.26 | 20 |" in text
+    assert "| cifar10 | badnets | Adv. Train | 50.0 | 25.0 | 99.0 | 83.72 | 46.28 | 100.00 | 20 |" in text
+    assert "cifar10/none/aabl" in text.split("Not yet run")[1]
+    assert "cifar10/badnets/aabl" not in text.split("Not yet run")[1]
+
+
+def test_markdown_keeps_the_text_around_the_tables(reproduce, tmp_path):
+    md = tmp_path / "RESULTS.md"
+    md.write_text(f"# Title\n\nhand-written intro\n\n{reproduce.MARK_BEGIN}\nold\n{reproduce.MARK_END}\n\n"
+                  "## Findings\nkept\n")
+    (reproduce.RESULTS / "cpu").mkdir(parents=True)
+    (reproduce.RESULTS / "cpu" / "gtsrb-none-aabl.json").write_text(
+        json.dumps(_result("gtsrb", "none", "aabl", asr=None, rho_vul=None, recall=None, naive_asr=None)))
+    reproduce.write_markdown(md, ["cpu", "gpu"])
+    text = md.read_text()
+    assert text.startswith("# Title\n\nhand-written intro\n")
+    assert text.endswith("## Findings\nkept\n")
+    assert "old" not in text
+    assert "| gtsrb | none | A | 80.0 | - | - |" in text
+    assert "Scale `gpu`" not in text  # no results at that scale
+
+
+def test_finished_configurations_are_not_run_again(reproduce, tmp_path, monkeypatch):
+    store = reproduce.RESULTS / "cpu"
+    store.mkdir(parents=True)
+    (store / "cifar10-badnets-aabl.json").write_text(json.dumps(_result("cifar10", "badnets", "aabl")))
+    ran = []
+
+    def fake_run(dataset, attack, mode, args):
+        ran.append((dataset, attack, mode))
+        return _result(dataset, attack, mode)
+
+    monkeypatch.setattr(reproduce, "run_config", fake_run)
+    md = tmp_path / "RESULTS.md"
+    monkeypatch.setattr(sys, "argv", ["reproduce.py", "--only", "cifar10/badnets,cifar10/blend/advtrain",
+                                      "--md", str(md), "--work", str(tmp_path / "work")])
+    reproduce.main()
+    assert ran == [("cifar10", "blend", "advtrain")]
+    assert json.loads((store / "cifar10-blend-advtrain.json").read_text())["seconds"]["total"] >= 0
+    assert "| cifar10 | blend | Adv. Train |" in md.read_text()
