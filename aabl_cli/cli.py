@@ -133,6 +133,7 @@ def cli(ctx: click.Context, debug: bool) -> None:
       aabl scan ./data              naive model + iFGSM robustness score per image
       aabl split                    Otsu cut: robust (suspicious) images isolated
       aabl train --eps 8/255        PGD adversarial training on the kept images
+      aabl report aabl-out          one HTML page: what was removed and why
 
     Data is an image folder: ROOT/<class>/<image>. Budgets are in [0, 1] pixel units and
     accept fractions (8/255). Exit codes: 0 ok, 1 runtime failure, 2 bad input, 3 a
@@ -419,6 +420,33 @@ def evaluate(model: Path, test: Path, eps: float, step_size: float, steps: int, 
     if out is not None:
         write_json(out, result)
     click.echo(json.dumps(result, indent=2))
+
+
+@cli.command()
+@click.argument("workdir", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Where to write the page.  [default: WORKDIR/report.html]")
+@click.option("--per-class", type=click.IntRange(1), default=8, show_default=True,
+              help="Gallery: the most suspicious isolated images shown per class (256 in all at most).")
+@click.option("--device", default="auto", show_default=True, help="Where the saliency maps are computed: auto, "
+                                                                   "cpu, cuda, cuda:N or mps.")
+@click.option("--quiet", is_flag=True, help="Print nothing but --json output and errors.")
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON on stdout.")
+def report(workdir: Path, as_json: bool, **options: Any) -> None:
+    """Write one self-contained HTML page about WORKDIR's scan and split (and training).
+
+    It shows the summary and verdict, the score histogram, each class's isolated share, the
+    training curves, every stage's settings, the split against the ground truth where there
+    is one, and the most suspicious isolated images with gradient saliency maps that show
+    where the trigger sits. Everything is inlined; nothing else in WORKDIR or the dataset changes.
+    """
+    from aabl_cli.report import report as write_report
+
+    summary = write_report(workdir, **options)
+    if not options["quiet"] or as_json:
+        _emit(summary, as_json, f"wrote {summary['report']} ({summary['bytes'] / 1e6:.1f} MB): "
+                                f"{summary['gallery']['images']} isolated images in the gallery, verdict: "
+                                f"{summary['verdict']}")
 
 
 @cli.command()

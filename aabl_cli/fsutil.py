@@ -60,11 +60,16 @@ def replace_dir(tmp: Path, final: Path) -> None:
 
 def write_json(path: Path, data: dict[str, Any]) -> None:
     """Write `data` as indented JSON through a temporary file and a rename (creating the folder)."""
+    write_text(path, json.dumps(data, indent=2, sort_keys=False) + "\n")
+
+
+def write_text(path: Path, text: str) -> None:
+    """Write UTF-8 `text` through a temporary file and a rename (creating the folder)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
     try:
-        tmp.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
+        tmp.write_text(text, encoding="utf-8")
         os.replace(tmp, path)
     finally:  # a full disk leaves neither a half-written file nor a temporary one
         tmp.unlink(missing_ok=True)

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import IO, Any
 
 import numpy as np
 
 
-def plot_scores(path: Path, scores: np.ndarray, *, threshold: float, isolated: np.ndarray,
+def plot_scores(path: Path | IO[bytes], scores: np.ndarray, *, threshold: float, isolated: np.ndarray,
                 poisoned: np.ndarray | None = None) -> None:
     """Histogram of the scores on a log axis, the split threshold, and the groups coloured.
 
@@ -37,7 +38,7 @@ def plot_scores(path: Path, scores: np.ndarray, *, threshold: float, isolated: n
     ax.set_ylabel("samples")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path)
+    fig.savefig(path, format="png")
     plt.close(fig)
 
 
@@ -67,6 +68,89 @@ def plot_trigger_preview(path: Path, examples: list[tuple[str, np.ndarray, np.nd
     for row, label in enumerate(("clean", "triggered", "|difference|")):
         axes[row, 0].set_ylabel(label, fontsize=8)
     fig.suptitle(f"aabl poison --attack {title}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, format="png")
+    plt.close(fig)
+
+
+def plot_class_shares(path: Path | IO[bytes], per_class: list[dict[str, Any]], *, suspected: str | None = None,
+                      max_classes: int = 40) -> int:
+    """Horizontal bars per class: its share of the data, of the isolated set and (where the split recorded
+    it) of the verdict core. A backdoor's target stands out as isolated share far above data share.
+
+    With more than `max_classes` classes only those with the largest isolated shares are drawn; returns how
+    many classes were left out.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import PercentFormatter
+
+    rows = list(per_class)
+    left_out = max(0, len(rows) - max_classes)
+    if left_out:  # keep the classes a reader needs to see, in their own order
+        top = sorted(range(len(rows)), key=lambda i: -rows[i]["share_of_isolated"])[:max_classes]
+        rows = [rows[i] for i in sorted(top)]
+    series = [("share of the data", "share_of_data", "#b0b0b0"), ("share of the isolated set", "share_of_isolated",
+                                                                  "#dd8452")]
+    if rows and all("share_of_core" in r for r in rows):
+        series.append(("share of the core (most robust)", "share_of_core", "#c44e52"))
+    n, k = len(rows), len(series)
+    height = 0.8 / k
+    fig, ax = plt.subplots(figsize=(7, 1.2 + 0.18 * k * max(n, 2)), dpi=120)
+    y = np.arange(n)
+    for j, (label, key, colour) in enumerate(series):
+        ax.barh(y + (j - (k - 1) / 2) * height, [r[key] for r in rows], height=height, color=colour, label=label)
+    ax.set_yticks(y)
+    ax.set_yticklabels([r["class"][:24] for r in rows], fontsize=8)
+    for tick, row in zip(ax.get_yticklabels(), rows):
+        if row["class"] == suspected:
+            tick.set_fontweight("bold")
+            tick.set_color("#c44e52")
+    ax.invert_yaxis()  # first class on top, as in the table
+    ax.set_xlim(0, 1)
+    ax.xaxis.set_major_formatter(PercentFormatter(1.0))
+    ax.set_xlabel("share" + (f" ({left_out} classes with the smallest isolated shares not shown)" if left_out else ""))
+    ax.legend(fontsize=8, loc="lower right")
+    ax.grid(axis="x", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, format="png")
+    plt.close(fig)
+    return left_out
+
+
+def plot_history(path: Path | IO[bytes], rows: list[dict[str, float]]) -> None:
+    """Training curves, one row of `history.csv` per epoch: the loss on the left, the accuracies on the
+    right (training, and validation clean / under PGD where recorded); dotted lines mark learning-rate drops."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator, PercentFormatter
+
+    epochs = [r["epoch"] for r in rows]
+    marker = "o" if len(rows) <= 30 else None  # a one-epoch run is a point, not an invisible line
+    fig, (loss_ax, acc_ax) = plt.subplots(1, 2, figsize=(9, 3.4), dpi=120)
+    loss_ax.plot(epochs, [r.get("train_loss", np.nan) for r in rows], marker=marker, color="#4c72b0")
+    loss_ax.set_title("training loss", fontsize=10)
+    for key, label, colour in (("train_acc", "training", "#4c72b0"),
+                               ("val_acc", "validation, clean", "#55a868"),
+                               ("val_ra", "validation, under PGD", "#c44e52")):
+        values = [r.get(key, np.nan) for r in rows]
+        if np.isfinite(values).any():
+            acc_ax.plot(epochs, values, marker=marker, color=colour, label=label)
+    acc_ax.set_title("accuracy", fontsize=10)
+    acc_ax.set_ylim(0, 1)
+    acc_ax.yaxis.set_major_formatter(PercentFormatter(1.0))
+    acc_ax.legend(fontsize=8, loc="lower right")
+    drops = [rows[i]["epoch"] for i in range(1, len(rows)) if rows[i].get("lr", 0) < rows[i - 1].get("lr", 0)]
+    for ax in (loss_ax, acc_ax):
+        ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.grid(alpha=0.3)
+        for epoch in drops:
+            ax.axvline(epoch - 0.5, color="grey", linestyle=":", linewidth=1)
     fig.tight_layout()
     fig.savefig(path, format="png")
     plt.close(fig)

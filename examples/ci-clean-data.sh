@@ -6,6 +6,7 @@
 #   WORKDIR/split/isolated/  what was cut away, for a person to look at
 #   WORKDIR/split/split.json the verdict, gamma and per-class shares
 #   WORKDIR/scan/scores.png  the score histogram with the threshold
+#   WORKDIR/report.html      one page with all of it and the most suspicious images (aabl report)
 #
 #   DATA=./data bash examples/ci-clean-data.sh          (ARCH, EPOCHS, FAIL_OVER, WORKDIR optional)
 set -euo pipefail
@@ -16,4 +17,12 @@ epochs=${EPOCHS:-20}
 fail_over=${FAIL_OVER:-0.2}
 
 aabl scan "$data" --arch "$arch" --epochs "$epochs" --workdir "$workdir"
-aabl split --workdir "$workdir" --fail-over "$fail_over" --fail-on-suspect
+status=0
+aabl split --workdir "$workdir" --fail-over "$fail_over" --fail-on-suspect || status=$?
+if [ "$status" -ne 0 ] && [ "$status" -ne 3 ]; then
+    exit "$status"  # the split itself failed: there is nothing to report
+fi
+# A tripped gate (exit 3) has written everything, and that is when a person wants the page:
+# write it first, then fail with the gate's code.
+aabl report "$workdir" --out "$workdir/report.html"
+exit "$status"

@@ -1,5 +1,6 @@
 """The examples run as written, on a tiny folder."""
 
+import json
 import os
 import subprocess
 import sys
@@ -34,14 +35,23 @@ def _ci_step(data, workdir, **env):
                           timeout=300, env=env)
 
 
+def _report_of(workdir):
+    page = (workdir / "report.html").read_text(encoding="utf-8")
+    verdict = json.loads((workdir / "split" / "split.json").read_text())["verdict"]
+    assert page.startswith("<!DOCTYPE html>") and verdict in page
+    return page
+
+
 def test_ci_cleaning_step_publishes_the_split_and_gates(tiny_data, tmp_path):
     passed = _ci_step(tiny_data, tmp_path / "ok", FAIL_OVER="1")
     assert passed.returncode in (0, 3), passed.stderr  # 3 only through --fail-on-suspect
-    for path in ("split/kept", "split/isolated", "split/split.json", "scan/scores.png"):
+    for path in ("split/kept", "split/isolated", "split/split.json", "scan/scores.png", "report.html"):
         assert (tmp_path / "ok" / path).exists(), path
+    _report_of(tmp_path / "ok")
     gated = _ci_step(tiny_data, tmp_path / "gate", FAIL_OVER="0.01")
     assert gated.returncode == 3 and "more than --fail-over 1.0%" in gated.stderr
     assert (tmp_path / "gate" / "split" / "kept").is_dir()  # written before the gate tripped
+    assert "more than --fail-over 1.0%" in _report_of(tmp_path / "gate")  # the report too, naming the gate
 
 
 def test_workflow_runs_the_ci_step_and_publishes_its_outputs():
@@ -49,8 +59,9 @@ def test_workflow_runs_the_ci_step_and_publishes_its_outputs():
     assert "run: bash examples/ci-clean-data.sh" in workflow
     assert "if: always()" in workflow and "actions/upload-artifact" in workflow
     script = (ROOT / "examples" / "ci-clean-data.sh").read_text()
-    for path in ("split/kept", "split/isolated", "split/split.json", "scan/scores.png"):
+    for path in ("split/kept", "split/isolated", "split/split.json", "scan/scores.png", "report.html"):
         assert f"{{{{ env.WORKDIR }}}}/{path}" in workflow and path in script
+    assert script.index('\naabl report "$workdir"') > script.index("\naabl split")  # after the split, before exit
     assert all(f"{name}:" in workflow for name in ("DATA", "WORKDIR", "FAIL_OVER"))
 
 
