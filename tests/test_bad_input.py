@@ -518,11 +518,11 @@ def tamper(path: Path, *, meta: dict[str, str | None] | None = None,
 
 
 def _shape(state: dict[str, torch.Tensor]) -> None:
-    state["net.head.2.weight"] = torch.zeros(5, state["net.head.2.weight"].shape[1])
+    state["net.head.1.weight"] = torch.zeros(5, state["net.head.1.weight"].shape[1])
 
 
 def _nan(state: dict[str, torch.Tensor]) -> None:
-    state["net.head.2.bias"] = torch.full_like(state["net.head.2.bias"], float("nan"))
+    state["net.head.1.bias"] = torch.full_like(state["net.head.1.bias"], float("nan"))
 
 
 def _extra(state: dict[str, torch.Tensor]) -> None:

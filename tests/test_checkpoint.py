@@ -118,7 +118,7 @@ def _tamper(path, edit):
 
 
 def _shape(tensors, meta):
-    key = "net.head.2.weight"
+    key = "net.head.1.weight"
     tensors[key] = torch.zeros(4, tensors[key].shape[1])
     return tensors, meta
 
@@ -130,12 +130,12 @@ def _transposed(tensors, meta):
 
 
 def _dtype(tensors, meta):
-    tensors["net.head.2.bias"] = tensors["net.head.2.bias"].double()
+    tensors["net.head.1.bias"] = tensors["net.head.1.bias"].double()
     return tensors, meta
 
 
 def _missing(tensors, meta):
-    del tensors["net.head.2.bias"]
+    del tensors["net.head.1.bias"]
     return tensors, meta
 
 
@@ -145,7 +145,7 @@ def _extra(tensors, meta):
 
 
 def _nan(tensors, meta):
-    tensors["net.head.2.bias"] = torch.full_like(tensors["net.head.2.bias"], float("nan"))
+    tensors["net.head.1.bias"] = torch.full_like(tensors["net.head.1.bias"], float("nan"))
     return tensors, meta
 
 
