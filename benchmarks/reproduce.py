@@ -27,6 +27,7 @@ import subprocess
 import sys
 import time
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
 
 from aabl_cli.data import list_image_folder
@@ -132,7 +133,9 @@ def evaluate(model: Path, test: Path, poisoned: Path | None, out: Path, args: ar
     return json.loads(out.read_text())
 
 
-def run_config(dataset: str, attack: str, mode: str, args: argparse.Namespace) -> dict:
+def run_config(dataset: str, attack: str, mode: str, args: argparse.Namespace, *,
+               on_split: Callable[[dict], None] = lambda result: None) -> dict:
+    """Run one configuration; `on_split` gets the numbers known after the split (Table 1's)."""
     scale = SCALES[args.scale]
     train, test = prepare_data(dataset, args, scale)
     base = args.work / args.scale / dataset / attack
@@ -160,6 +163,7 @@ def run_config(dataset: str, attack: str, mode: str, args: argparse.Namespace) -
                       precision=truth.get("precision"), verdict=split["verdict"],
                       suspected_class=split.get("suspected_class"), naive_acc=naive["acc"],
                       naive_asr=naive.get("asr"))
+        on_split({**result, "seconds": dict(seconds), "finished": False})
         train_data = wd / "split" / "kept"
     else:
         train_data = p_train
@@ -172,7 +176,7 @@ def run_config(dataset: str, attack: str, mode: str, args: argparse.Namespace) -
     final = evaluate(wd / "train" / "model.safetensors", test, p_test, wd / "final-eval.json", args, robust=True)
     result.update(acc=final["acc"], ra=final["ra"], asr=final.get("asr"), train_history=history,
                   seconds=seconds, device=_device_name(args.device), torch=_torch_version(),
-                  threads=args.threads, date=datetime.date.today().isoformat())
+                  threads=args.threads, date=datetime.date.today().isoformat(), finished=True)
     return result
 
 
@@ -200,10 +204,11 @@ def _paper(value: float | None) -> str:
 
 def render(scale: str) -> str:
     """The Markdown tables of every finished configuration at `scale`."""
-    rows = [json.loads(p.read_text()) for p in sorted((RESULTS / scale).glob("*.json"))]
+    every = [json.loads(p.read_text()) for p in sorted((RESULTS / scale).glob("*.json"))]
     order = {cfg: i for i, cfg in enumerate(CONFIGS)}
-    rows.sort(key=lambda r: order.get((r["dataset"], r["attack"], r["mode"]), 99))
-    aabl_rows = [r for r in rows if r["mode"] == "aabl"]
+    every.sort(key=lambda r: order.get((r["dataset"], r["attack"], r["mode"]), 99))
+    aabl_rows = [r for r in every if r["mode"] == "aabl"]  # split numbers exist before training ends
+    rows = [r for r in every if r.get("finished")]
     lines = [f"### Scale `{scale}`: {len(rows)} of {len(CONFIGS)} configurations finished", "",
              "**Splitting (Table 1)**, ours beside the paper's (ResNet-18, whole sets); recall = share of the poison "
              "isolated; naive = the scan's model (20 epochs, no defence).", "",
@@ -232,8 +237,8 @@ def render(scale: str) -> str:
         lines += ["", f"Settings: `{first['arch']}`, {first['scan_epochs']} naive epochs (Adam), "
                   f"{first['train_epochs']} epochs of PGD-{first['train_steps']} adversarial training (SGD, batch "
                   f"{first['train_batch']}), seed {first['seed']}; device {first['device']}, torch {first['torch']}."]
-    missing = [f"{d}/{a}/{m}" for d, a, m in CONFIGS
-               if not (RESULTS / scale / f"{d}-{a}-{m}.json").exists()]
+    done = {(r["dataset"], r["attack"], r["mode"]) for r in rows}
+    missing = [f"{d}/{a}/{m}" for d, a, m in CONFIGS if (d, a, m) not in done]
     if missing:
         lines += ["", f"Not yet run at this scale: {', '.join(missing)}."]
     return "\n".join(lines) + "\n"
@@ -267,17 +272,21 @@ def main() -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     for dataset, attack, mode in [] if args.table_only else configs:
         store = out_dir / f"{dataset}-{attack}-{mode}.json"
-        if store.exists():
+        if store.exists() and json.loads(store.read_text()).get("finished"):
             continue
         print(f"{dataset}/{attack}/{mode} ...", flush=True)
+
+        def save(result: dict, store: Path = store) -> None:
+            tmp = store.with_suffix(".tmp")
+            tmp.write_text(json.dumps(result, indent=2) + "\n")
+            tmp.replace(store)
+            write_markdown(args.md, sorted(SCALES))
+
         t0 = time.perf_counter()
-        result = run_config(dataset, attack, mode, args)
+        result = run_config(dataset, attack, mode, args, on_split=save)
         result["seconds"]["total"] = time.perf_counter() - t0
-        tmp = store.with_suffix(".tmp")
-        tmp.write_text(json.dumps(result, indent=2) + "\n")
-        tmp.replace(store)
+        save(result)
         print(json.dumps({k: v for k, v in result.items() if k != "train_history"}), flush=True)
-        write_markdown(args.md, sorted(SCALES))
     write_markdown(args.md, sorted(SCALES))
     print(f"tables in {args.md}")
 

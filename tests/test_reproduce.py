@@ -22,7 +22,7 @@ def reproduce(tmp_path, monkeypatch):
 def _result(dataset, attack, mode, **numbers):
     row = {"dataset": dataset, "attack": attack, "mode": mode, "category": "A", "arch": "cnn", "scan_epochs": 20,
            "train_epochs": 20, "train_steps": 5, "train_batch": 64, "seed": "0", "device": "CPU (x86_64, 2 cores)",
-           "torch": "2.x", "seconds": {"train": 1200.0}, "acc": 0.5, "ra": 0.25, "asr": 0.03}
+           "torch": "2.x", "seconds": {"train": 1200.0}, "acc": 0.5, "ra": 0.25, "asr": 0.03, "finished": True}
     if mode == "aabl":
         row.update(gamma=0.8, rho_vul=0.0125, recall=0.9, verdict="backdoor suspected", naive_acc=0.6,
                    naive_asr=0.95)
@@ -47,6 +47,19 @@ def test_tables_hold_ours_beside_the_papers_and_list_what_is_missing(reproduce):
     assert "cifar10/badnets/aabl" not in text.split("Not yet run")[1]
 
 
+def test_a_configuration_still_training_shows_its_split_only(reproduce):
+    store = reproduce.RESULTS / "cpu"
+    store.mkdir(parents=True)
+    partial = _result("cifar10", "trojan", "aabl", finished=False)
+    del partial["acc"], partial["ra"], partial["asr"]
+    (store / "cifar10-trojan-aabl.json").write_text(json.dumps(partial))
+    text = reproduce.render("cpu")
+    assert "0 of" in text
+    assert "| cifar10 | trojan | A | 80.0 |" in text  # Table 1 row
+    assert "| cifar10 | trojan | A-ABL |" not in text  # no final model yet
+    assert "cifar10/trojan/aabl" in text.split("Not yet run")[1]
+
+
 def test_markdown_keeps_the_text_around_the_tables(reproduce, tmp_path):
     md = tmp_path / "RESULTS.md"
     md.write_text(f"# Title\n\nhand-written intro\n\n{reproduce.MARK_BEGIN}\nold\n{reproduce.MARK_END}\n\n"
@@ -67,17 +80,18 @@ def test_finished_configurations_are_not_run_again(reproduce, tmp_path, monkeypa
     store = reproduce.RESULTS / "cpu"
     store.mkdir(parents=True)
     (store / "cifar10-badnets-aabl.json").write_text(json.dumps(_result("cifar10", "badnets", "aabl")))
+    (store / "cifar10-clb-aabl.json").write_text(json.dumps(_result("cifar10", "clb", "aabl", finished=False)))
     ran = []
 
-    def fake_run(dataset, attack, mode, args):
+    def fake_run(dataset, attack, mode, args, on_split):
         ran.append((dataset, attack, mode))
         return _result(dataset, attack, mode)
 
     monkeypatch.setattr(reproduce, "run_config", fake_run)
     md = tmp_path / "RESULTS.md"
-    monkeypatch.setattr(sys, "argv", ["reproduce.py", "--only", "cifar10/badnets,cifar10/blend/advtrain",
+    monkeypatch.setattr(sys, "argv", ["reproduce.py", "--only", "cifar10/badnets,cifar10/clb,cifar10/blend/advtrain",
                                       "--md", str(md), "--work", str(tmp_path / "work")])
     reproduce.main()
-    assert ran == [("cifar10", "blend", "advtrain")]
+    assert ran == [("cifar10", "clb", "aabl"), ("cifar10", "blend", "advtrain")]  # unfinished ones run again
     assert json.loads((store / "cifar10-blend-advtrain.json").read_text())["seconds"]["total"] >= 0
     assert "| cifar10 | blend | Adv. Train |" in md.read_text()
