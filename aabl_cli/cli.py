@@ -461,9 +461,12 @@ def report(workdir: Path, as_json: bool, **options: Any) -> None:
 def demo(as_json: bool, **options: Any) -> None:
     """Run A-ABL end to end on generated data: no download, a few minutes on a laptop CPU.
 
-    Generates 10 classes of shapes, poisons 10 % with BadNets, then runs scan, split and
-    PGD adversarial training with the small CNN, and prints ACC, RA and ASR of the naive
-    model against the A-ABL model, with the split's gamma, rho_vul and verdict.
+    Generates 10 classes of shapes and plants two backdoors on disjoint images: BadNets
+    (corner patch, category A) to class 0 on 10 % and WaNet (whole-image warp, category B)
+    to class 1 on 10 %. Then runs scan, split and PGD adversarial training with the small
+    CNN, and prints ACC, RA and each attack's ASR for the naive model against the A-ABL
+    model, how much of each attack's poison the split isolated, gamma, rho_vul and the
+    verdict: the split removes the patch, adversarial training suppresses the warp.
     """
     from aabl_cli.demo import describe, run_demo
 

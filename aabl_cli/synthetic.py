@@ -45,12 +45,15 @@ def _masks(label: int, yy: np.ndarray, xx: np.ndarray, cy: float, cx: float, r: 
 
 
 def make_shapes(per_class: int, *, size: int = 16, seed: int = 0, contrast: float = 0.5,
-                noise: float = 0.06) -> tuple[np.ndarray, np.ndarray]:
+                noise: float = 0.06, brightness: float = 0.9) -> tuple[np.ndarray, np.ndarray]:
     """`per_class` images of each of the 10 classes: uint8 (N, size, size, 3) and int64 labels (N,).
 
     `contrast`: mean brightness step between shape and background (0..1); `noise`: std
     of the per-pixel Gaussian noise. Lower contrast and more noise make a naive model
-    less robust to small perturbations, as natural images do.
+    less robust to small perturbations, as natural images do. `brightness`: the darker
+    of the two colours is drawn from [0.1, brightness - contrast] per channel, so the
+    brighter one rarely exceeds `brightness` (it is 0.7-1.3 x contrast above the darker);
+    well below 1, a white patch trigger stands out on every image.
     """
     rng = np.random.default_rng(seed)
     n = per_class * len(CLASSES)
@@ -60,7 +63,7 @@ def make_shapes(per_class: int, *, size: int = 16, seed: int = 0, contrast: floa
     for i, label in enumerate(labels):
         r = rng.uniform(0.28, 0.4) * size
         cy, cx = rng.uniform(r * 0.9, size - r * 0.9, size=2)
-        base = rng.uniform(0.1, 0.9 - contrast, size=3)
+        base = rng.uniform(0.1, brightness - contrast, size=3)
         sign = rng.choice([-1.0, 1.0])
         shift = contrast * rng.uniform(0.7, 1.3, size=3)
         colour, back = (base + shift, base) if sign > 0 else (base, base + shift)
@@ -71,12 +74,25 @@ def make_shapes(per_class: int, *, size: int = 16, seed: int = 0, contrast: floa
 
 
 def write_shapes(root: str | Path, *, per_class: int, size: int = 16, seed: int = 0, contrast: float = 0.5,
-                 noise: float = 0.06) -> Path:
+                 noise: float = 0.06, brightness: float = 0.9) -> Path:
     """Write `make_shapes` as an image folder `root/<class>/<index>.png`; returns `root`."""
+    images, labels = make_shapes(per_class, size=size, seed=seed, contrast=contrast, noise=noise,
+                                 brightness=brightness)
+    return write_images(root, images, labels)
+
+
+def write_images(root: str | Path, images: np.ndarray, labels: np.ndarray) -> Path:
+    """Write uint8 (N, H, W, 3) `images` as `root/<class>/<index>.png`, with the shapes' class names
+    (every class folder, even an empty one); returns `root`. Index i is the image's row, so
+    `root/<class>/<i:05d>.png` is row i whatever class it is filed under."""
     root = Path(root)
-    images, labels = make_shapes(per_class, size=size, seed=seed, contrast=contrast, noise=noise)
     for name in CLASSES:
         (root / name).mkdir(parents=True, exist_ok=True)
     for i, (img, label) in enumerate(zip(images, labels)):
-        Image.fromarray(img).save(root / CLASSES[label] / f"{i:05d}.png")
+        Image.fromarray(img).save(root / image_path(i, int(label)))
     return root
+
+
+def image_path(index: int, label: int) -> str:
+    """Where `write_images` puts row `index` with `label`, relative to its root."""
+    return f"{CLASSES[label]}/{index:05d}.png"
