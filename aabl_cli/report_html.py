@@ -125,10 +125,11 @@ def _summary(inputs: Inputs) -> str:
     verdict = str(split["verdict"])
     badge = "bad" if verdict == "backdoor suspected" else "good"
     fingerprint = str(scan["dataset_fingerprint"])
+    warnings = "".join(f'<br><span class="note">warning: {esc(w)}</span>' for w in split.get("warnings", []))
     rows = [("dataset", f"<code>{esc(scan['dataset_root'])}</code>"),
             ("images", f"{int(split['samples'])} in {len(scan['classes'])} classes"),
             ("fingerprint", f'<code title="{esc(fingerprint)}">{esc(fingerprint[:12])}</code>'),
-            ("verdict", f'<span class="badge {badge}">{esc(verdict)}</span>'),
+            ("verdict", f'<span class="badge {badge}">{esc(verdict)}</span>' + warnings),
             ("suspected target class", f"<b>{esc(split.get('suspected_class', 'n/a'))}</b> (concentration "
                                        f"{_num(split.get('concentration', float('nan')))} in the core of the "
                                        f"{esc(split.get('core_size', '?'))} most robust isolated images; "

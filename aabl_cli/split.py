@@ -33,6 +33,11 @@ SUSPECT_CONCENTRATION = 0.3
 VERDICT_CORE = 0.05
 VERDICT_CORE_MIN = 50  # samples: a smaller core says little about class make-up
 SPLIT_FIELDS = ("index", "path", "label", "score", "kept")
+# Below this accuracy on its own (unaugmented) training images the naive model has not
+# learnt its data, nor a backdoor: its robust images are noise, and so is the verdict.
+# Measured on CIFAR-10: 3 epochs (40 %) isolated 29 % of a clean set and cried "backdoor";
+# 20 epochs (82 %) did not.
+FIT_WARNING_ACC = 0.6
 
 
 def choose_isolated(scores: np.ndarray, *, method: str = "otsu", fraction: float | None = None,
@@ -239,6 +244,7 @@ def split(scores: str | Path | None = None, *, workdir: str | Path = "aabl-out",
         "gamma": float(kept.mean()) if n else 0.0, "isolated_fraction": float(isolated.mean()) if n else 0.0,
         "skipped": scan.get("skipped", []),
         **class_verdict(labels, values, isolated, classes),
+        "warnings": fit_warnings(scan),
     }
     truth = read_ground_truth(root, paths)
     if truth is not None:
@@ -261,6 +267,16 @@ def split(scores: str | Path | None = None, *, workdir: str | Path = "aabl-out",
         summary["seconds"] = time.time() - started
         write_json(out / "split.json", summary)
     return summary
+
+
+def fit_warnings(scan: dict[str, Any]) -> list[str]:
+    """Why the split may say little: the scan's naive model did not fit its training set."""
+    acc = scan.get("clean_acc")
+    if isinstance(acc, (int, float)) and acc < FIT_WARNING_ACC:
+        return [f"the naive model classifies only {acc:.0%} of its own training images (clean_acc in scan.json); "
+                "a model that has not fitted its data has not learnt a backdoor either, so this split and its "
+                "verdict say little: scan again with more --epochs"]
+    return []
 
 
 def _write_split_csv(path: Path, paths: list[str], labels: np.ndarray, scores: np.ndarray, kept: np.ndarray,
@@ -291,6 +307,7 @@ def describe(summary: dict[str, Any]) -> str:
               f"(concentration {summary['concentration']:.2f} in the core of the {summary['core_size']} most robust "
               f"isolated samples; threshold {summary['concentration_threshold']})",
               f"verdict: {summary['verdict']}"]
+    lines += [f"warning: {w}" for w in summary.get("warnings", [])]
     truth = summary.get("ground_truth")
     if truth:
         lines.append(f"ground truth: rho {truth['rho']:.2%} -> rho_vul {truth['rho_vul']:.2%}; isolated set "

@@ -42,11 +42,11 @@ SCALES: dict[str, dict] = {
     # adversarial training leaves chance (RESULTS.md says what was measured).
     "cpu": {"arch": "cnn", "train_images": {"cifar10": 4000, "gtsrb": 4300},
             "test_images": {"cifar10": 1000, "gtsrb": 1075}, "scan_epochs": 20, "train_epochs": 20,
-            "train_steps": 5, "train_batch": 64},
+            "train_steps": 5, "train_batch": 64, "train_lr": 0.02},
     # The paper's recipe: ResNet-18, whole sets, 100 epochs of PGD-10 at batch 128.
     "gpu": {"arch": "resnet18", "train_images": {"cifar10": 50000, "gtsrb": 10000},
             "test_images": {"cifar10": 10000, "gtsrb": 5000}, "scan_epochs": 20, "train_epochs": 100,
-            "train_steps": 10, "train_batch": 128},
+            "train_steps": 10, "train_batch": 128, "train_lr": 0.1},
 }
 ZIPS = {"cifar10": ("cifar10-jpeg.zip", "cifar10"), "gtsrb": ("gtsrb32-png.zip", "gtsrb32")}
 CATEGORY = {"none": "-", "badnets": "A", "trojan": "A", "clb": "A", "iab": "A", "blend": "B", "ssba": "B",
@@ -170,7 +170,7 @@ def run_config(dataset: str, attack: str, mode: str, args: argparse.Namespace, *
     if not (wd / "train" / "train.json").exists():
         t0 = time.perf_counter()
         aabl("train", train_data, "--epochs", scale["train_epochs"], "--steps", scale["train_steps"],
-             "--batch-size", scale["train_batch"], "--resume", *run, threads=args.threads)
+             "--batch-size", scale["train_batch"], "--lr", scale["train_lr"], "--resume", *run, threads=args.threads)
         seconds["train"] = time.perf_counter() - t0
     history = (wd / "train" / "history.csv").read_text().splitlines()
     final = evaluate(wd / "train" / "model.safetensors", test, p_test, wd / "final-eval.json", args, robust=True)
@@ -236,7 +236,8 @@ def render(scale: str) -> str:
         first = rows[0]
         lines += ["", f"Settings: `{first['arch']}`, {first['scan_epochs']} naive epochs (Adam), "
                   f"{first['train_epochs']} epochs of PGD-{first['train_steps']} adversarial training (SGD, batch "
-                  f"{first['train_batch']}), seed {first['seed']}; device {first['device']}, torch {first['torch']}."]
+                  f"{first['train_batch']}, lr {first.get('train_lr', '?')}), seed {first['seed']}; "
+                  f"device {first['device']}, torch {first['torch']}."]
     done = {(r["dataset"], r["attack"], r["mode"]) for r in rows}
     missing = [f"{d}/{a}/{m}" for d, a, m in CONFIGS if (d, a, m) not in done]
     if missing:

@@ -102,6 +102,8 @@ def fake(tmp_path):
     work = tmp_path / "work"
     write_fake_scan(work, data, scores)
     scan = json.loads((work / "scan" / "scan.json").read_text())
+    scan["clean_acc"] = 0.3  # an untrained model: the split warns, and so must the page
+    (work / "scan" / "scan.json").write_text(json.dumps(scan))
     from aabl_cli.checkpoint import save_model
     from aabl_cli.models import build_model
 
@@ -192,6 +194,7 @@ def test_file_names_are_escaped_and_a_missing_training_is_said(fake):
     assert ODD_NAME not in page and "<img src=x" not in page
     assert "a&lt;img src=x onerror=alert(1)&gt;&amp;.png" in page
     assert "Training has not run" in page and "ground-truth" in json.loads(result.stdout)["sections"]
+    assert "warning: the naive model classifies only 30% of its own training images" in page
     for src in img_sources(page):
         assert src.startswith("data:image/png;base64,")
     assert snapshot(fake["data"], fake["work"], skip=("report.html",)) == before

@@ -19,7 +19,7 @@ from PIL import Image
 import aabl_cli.split as split_mod
 from aabl_cli.cli import cli
 from aabl_cli.errors import AablError
-from aabl_cli.split import choose_isolated, class_verdict, read_scores, split
+from aabl_cli.split import choose_isolated, class_verdict, describe, read_scores, split
 
 SPLIT_COLUMNS = ["index", "path", "label", "score", "kept"]
 
@@ -369,6 +369,21 @@ def test_split_writes_kept_isolated_csv_and_json(scanned, tiny_data, tmp_path):
     assert "ground_truth" not in saved
     assert summary["kept"] == 30 and summary["gates"] == []
     assert tree_hash(tiny_data) == before
+
+
+@pytest.mark.parametrize("clean_acc, warned", [(0.35, True), (0.9, False), (None, False)])
+def test_split_warns_when_the_naive_model_did_not_fit(scanned, tmp_path, clean_acc, warned):
+    scan_json = scanned.with_name("scan.json")
+    scan = json.loads(scan_json.read_text())
+    if clean_acc is not None:
+        scan["clean_acc"] = clean_acc
+    scan_json.write_text(json.dumps(scan))
+    summary = split(workdir=tmp_path / "work", link="none")
+    assert bool(summary["warnings"]) is warned
+    assert json.loads((tmp_path / "work" / "split" / "split.json").read_text())["warnings"] == summary["warnings"]
+    text = describe(summary)
+    assert ("warning: the naive model classifies only 35% of its own training images" in text) is warned
+    assert ("more --epochs" in text) is warned
 
 
 def test_split_again_replaces_the_old_output(scanned, tmp_path):
