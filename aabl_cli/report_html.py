@@ -133,7 +133,7 @@ def _summary(inputs: Inputs) -> str:
             ("suspected target class", f"<b>{esc(split.get('suspected_class', 'n/a'))}</b> (concentration "
                                        f"{_num(split.get('concentration', float('nan')))} in the core of the "
                                        f"{esc(split.get('core_size', '?'))} most robust isolated images; "
-                                       f"suspected at {_num(split.get('concentration_threshold', 0.3))} or more)"),
+                                       f"suspected at {_num(split.get('concentration_threshold', 0.5))} or more)"),
             ("threshold", f"{_num(float(split['threshold']))} ({esc(split['settings'].get('method', '?'))})"),
             ("kept", f"{int(split['kept'])} (gamma {_pct(split['gamma'])})"),
             ("isolated", f"{int(split['isolated'])} ({_pct(split.get('isolated_fraction'))})")]
