@@ -131,9 +131,12 @@ def _summary(inputs: Inputs) -> str:
             ("fingerprint", f'<code title="{esc(fingerprint)}">{esc(fingerprint[:12])}</code>'),
             ("verdict", f'<span class="badge {badge}">{esc(verdict)}</span>' + warnings),
             ("suspected target class", f"<b>{esc(split.get('suspected_class', 'n/a'))}</b> (concentration "
-                                       f"{_num(split.get('concentration', float('nan')))} in the core of the "
-                                       f"{esc(split.get('core_size', '?'))} most robust isolated images; "
-                                       f"suspected at {_num(split.get('concentration_threshold', 0.5))} or more)"),
+                                       f"{_num(split.get('concentration', float('nan')))}, at least "
+                                       f"{_num(split.get('concentration_low', float('nan')))} with "
+                                       f"{_pct(split.get('concentration_confidence', 0.95))} confidence, in the core "
+                                       f"of the {esc(split.get('core_size', '?'))} most robust isolated images; "
+                                       f"suspected when that bound is "
+                                       f"{_num(split.get('concentration_threshold', 0.5))} or more)"),
             ("threshold", f"{_num(float(split['threshold']))} ({esc(split['settings'].get('method', '?'))})"),
             ("kept", f"{int(split['kept'])} (gamma {_pct(split['gamma'])})"),
             ("isolated", f"{int(split['isolated'])} ({_pct(split.get('isolated_fraction'))})")]

@@ -13,6 +13,7 @@ import json
 import math
 import time
 from pathlib import Path
+from statistics import NormalDist
 from typing import Any
 
 import numpy as np
@@ -30,6 +31,11 @@ METHODS = ("otsu", "quantile", "fixed")
 # naive networks) and the clean set 0.24 and 0.33: a naturally robust class (ship) can
 # fill a third of the core, a patch trigger's target fills most of it.
 SUSPECT_CONCENTRATION = 0.5
+# The verdict reads a lower confidence bound of the concentration, not the point estimate:
+# a 200-image core (5 % of 4,000) has a standard error near 0.04, and on CIFAR-10 Blend a
+# naturally robust class reached 0.52 by chance. One-sided Wilson bound on the class's core
+# share, Bonferroni-corrected over the classes since the largest of them is the one tested.
+VERDICT_ALPHA = 0.05
 # The verdict core: the most robust isolated samples, at most this share of the set. On
 # real data whole classes are naturally robust (ships, cars) and fill the isolated set's
 # upper part on clean and poisoned sets alike; a patch trigger's poisons sit far below.
@@ -88,7 +94,9 @@ def class_verdict(labels: np.ndarray, scores: np.ndarray, isolated: np.ndarray, 
     """Per-class isolated shares against data shares, the suspected target class and a verdict.
 
     The verdict looks at the core: the `max(core * N, core_min)` isolated samples with the
-    lowest scores, or all of them when fewer are isolated.
+    lowest scores, or all of them when fewer are isolated. A backdoor is suspected when the
+    lower confidence bound of the top class's concentration (`concentration_low`) reaches
+    `SUSPECT_CONCENTRATION`.
     """
     counts = np.bincount(labels, minlength=len(classes))
     iso = np.bincount(labels[isolated], minlength=len(classes))
@@ -101,6 +109,11 @@ def class_verdict(labels: np.ndarray, scores: np.ndarray, isolated: np.ndarray, 
     excess = np.where(p < 1, (q - p) / np.clip(1 - p, 1e-12, None), 0.0)
     top = int(np.argmax(excess))
     concentration = float(excess[top]) if size else 0.0
+    low = 0.0
+    if size:
+        z = NormalDist().inv_cdf(1 - VERDICT_ALPHA / len(classes))
+        q_low = wilson_lower(int(core_counts[top]), int(size), z)
+        low = max(0.0, float((q_low - p[top]) / (1 - p[top]))) if p[top] < 1 else 0.0
     return {
         "per_class": [{"class": c, "samples": int(counts[i]), "isolated": int(iso[i]), "core": int(core_counts[i]),
                        "share_of_data": float(p[i]), "share_of_isolated": float(iso[i] / max(1, iso.sum())),
@@ -112,9 +125,21 @@ def class_verdict(labels: np.ndarray, scores: np.ndarray, isolated: np.ndarray, 
         "suspected_class": classes[top],
         "suspected_label": top,
         "concentration": concentration,
+        "concentration_low": low,
+        "concentration_confidence": 1 - VERDICT_ALPHA,
         "concentration_threshold": SUSPECT_CONCENTRATION,
-        "verdict": "backdoor suspected" if concentration >= SUSPECT_CONCENTRATION else "no backdoor evidence",
+        "verdict": "backdoor suspected" if low >= SUSPECT_CONCENTRATION else "no backdoor evidence",
     }
+
+
+def wilson_lower(successes: int, trials: int, z: float) -> float:
+    """Lower end of the Wilson score interval for a binomial proportion (0 without trials)."""
+    if trials <= 0:
+        return 0.0
+    phat = successes / trials
+    centre = phat + z * z / (2 * trials)
+    spread = z * math.sqrt(phat * (1 - phat) / trials + z * z / (4 * trials * trials))
+    return max(0.0, (centre - spread) / (1 + z * z / trials))
 
 
 def read_ground_truth(root: Path, paths: list[str]) -> np.ndarray | None:
@@ -307,8 +332,10 @@ def describe(summary: dict[str, Any]) -> str:
                      f"{row['isolated_fraction']:>9.1%} {row['share_of_isolated']:>12.1%} {row['share_of_core']:>8.1%} "
                      f"{row['share_of_data']:>8.1%}")
     lines += ["", f"suspected target class: {summary['suspected_class']} "
-              f"(concentration {summary['concentration']:.2f} in the core of the {summary['core_size']} most robust "
-              f"isolated samples; threshold {summary['concentration_threshold']})",
+              f"(concentration {summary['concentration']:.2f}, at least {summary.get('concentration_low', 0.0):.2f} "
+              f"with {summary.get('concentration_confidence', 0.95):.0%} confidence, in the core of the "
+              f"{summary['core_size']} most robust isolated samples; "
+              f"suspected at {summary['concentration_threshold']})",
               f"verdict: {summary['verdict']}"]
     lines += [f"warning: {w}" for w in summary.get("warnings", [])]
     truth = summary.get("ground_truth")

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from conftest import tree_hash, write_fake_scan
+from conftest import make_folder, tree_hash, write_fake_scan
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
@@ -19,7 +19,7 @@ from PIL import Image
 import aabl_cli.split as split_mod
 from aabl_cli.cli import cli
 from aabl_cli.errors import AablError
-from aabl_cli.split import choose_isolated, class_verdict, describe, read_scores, split
+from aabl_cli.split import choose_isolated, class_verdict, describe, read_scores, split, wilson_lower
 
 SPLIT_COLUMNS = ["index", "path", "label", "score", "kept"]
 
@@ -113,19 +113,30 @@ def test_fixed_threshold_isolates_scores_below_it():
 
 
 def test_verdict_backdoor_suspected_for_one_class():
-    labels = np.repeat(np.arange(3), 20)
-    scores = np.linspace(1.0, 2.0, 60)
-    isolated = np.zeros(60, dtype=bool)
-    isolated[20:26] = True  # six samples, all of class 1
+    labels = np.repeat(np.arange(3), 100)
+    scores = np.linspace(1.0, 2.0, 300)
+    isolated = np.zeros(300, dtype=bool)
+    isolated[100:120] = True  # twenty samples, all of class 1
     verdict = class_verdict(labels, scores, isolated, ["a", "b", "c"], core=0.1, core_min=1)
     assert verdict["verdict"] == "backdoor suspected"
     assert verdict["suspected_class"] == "b" and verdict["suspected_label"] == 1
     assert verdict["concentration"] == pytest.approx(1.0)
-    assert verdict["core_size"] == 6
+    assert 0.5 <= verdict["concentration_low"] < 1.0
+    assert verdict["core_size"] == 20
     row = verdict["per_class"][1]
-    assert row == {"class": "b", "samples": 20, "isolated": 6, "core": 6, "share_of_data": pytest.approx(1 / 3),
+    assert row == {"class": "b", "samples": 100, "isolated": 20, "core": 20, "share_of_data": pytest.approx(1 / 3),
                    "share_of_isolated": pytest.approx(1.0), "share_of_core": pytest.approx(1.0),
-                   "isolated_fraction": pytest.approx(0.3)}
+                   "isolated_fraction": pytest.approx(0.2)}
+
+
+def test_verdict_one_class_from_too_few_samples_is_not_evidence():
+    # six isolated samples of one class: all of the core, but six draws could be chance
+    labels = np.repeat(np.arange(3), 20)
+    isolated = np.zeros(60, dtype=bool)
+    isolated[20:26] = True
+    verdict = class_verdict(labels, np.ones(60), isolated, ["a", "b", "c"], core=0.1, core_min=1)
+    assert verdict["concentration"] == pytest.approx(1.0) and verdict["suspected_class"] == "b"
+    assert verdict["concentration_low"] < 0.5 and verdict["verdict"] == "no backdoor evidence"
 
 
 def test_verdict_no_evidence_when_spread_like_the_data():
@@ -148,23 +159,56 @@ def test_verdict_uses_class_shares_not_raw_counts():
 
 
 def test_verdict_reads_the_most_robust_core_of_the_isolated_set():
-    # 100 samples per class. The isolated set holds 15 poisons of class 2 at scores near 0
-    # and, above them, 30 naturally robust samples of each class: over the whole isolated
-    # set class 2 barely stands out, in the 5 % core it is three quarters of what is there.
-    labels = np.repeat(np.arange(4), 100)
-    scores = np.full(400, 9.0)
-    isolated = np.zeros(400, dtype=bool)
-    robust = np.concatenate([np.arange(c * 100, c * 100 + 30) for c in range(4)])
+    # 1,000 samples per class. The isolated set holds 150 poisons of class 2 at scores near 0
+    # and, above them, 300 naturally robust samples of each class: over the whole isolated
+    # set class 2 barely stands out, in the 5 % core it is most of what is there.
+    labels = np.repeat(np.arange(4), 1000)
+    scores = np.full(4000, 9.0)
+    isolated = np.zeros(4000, dtype=bool)
+    robust = np.concatenate([np.arange(c * 1000, c * 1000 + 300) for c in range(4)])
     scores[robust] = np.random.default_rng(0).uniform(1.0, 2.0, len(robust))
     isolated[robust] = True
-    scores[230:245] = 0.001
-    isolated[230:245] = True
+    scores[2300:2450] = 0.001
+    isolated[2300:2450] = True
     whole = class_verdict(labels, scores, isolated, ["a", "b", "c", "d"], core=1.0)
-    assert whole["core_size"] == 135 and whole["verdict"] == "no backdoor evidence"
-    core = class_verdict(labels, scores, isolated, ["a", "b", "c", "d"], core=0.05, core_min=1)
-    assert core["core_size"] == 20
+    assert whole["core_size"] == 1350 and whole["verdict"] == "no backdoor evidence"
+    core = class_verdict(labels, scores, isolated, ["a", "b", "c", "d"], core=0.05)
+    assert core["core_size"] == 200
     assert core["verdict"] == "backdoor suspected" and core["suspected_class"] == "c"
-    assert core["per_class"][2]["core"] >= 15 and core["per_class"][2]["isolated"] == 45
+    assert core["per_class"][2]["core"] >= 150 and core["per_class"][2]["isolated"] == 450
+    assert 0.5 <= core["concentration_low"] < core["concentration"]
+
+
+def _core_of(share: float, size: int, classes: int = 10) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Balanced labels whose `size`-sample core is `share` class 0, the rest spread evenly."""
+    labels = np.repeat(np.arange(classes), size)
+    scores = np.full(len(labels), 9.0)
+    top = round(share * size)
+    rest = np.array_split(np.arange(size - top), classes - 1)
+    chosen = list(range(top)) + [c * size + i for c, part in enumerate(rest, start=1) for i in range(len(part))]
+    scores[chosen] = 0.5
+    return labels, scores, scores < 1
+
+
+@pytest.mark.parametrize("size, expected", [(200, "no backdoor evidence"), (2000, "backdoor suspected")])
+def test_verdict_needs_confidence_on_a_small_core(size, expected):
+    # A core share of 0.6 against a data share of 0.1 is a concentration of 0.56, just over
+    # the 0.5 threshold. From 200 images that is within chance (CIFAR-10 Blend's naturally
+    # robust ship class reached 0.52 on 4,000 images); from 2,000 it is not.
+    labels, scores, isolated = _core_of(0.6, size)
+    verdict = class_verdict(labels, scores, isolated, [str(c) for c in range(10)], core=0.1, core_min=1)
+    assert verdict["core_size"] == size and verdict["suspected_class"] == "0"
+    assert verdict["concentration"] == pytest.approx((0.6 - 0.1) / 0.9, abs=1e-9)
+    assert verdict["concentration_low"] < verdict["concentration"]
+    assert verdict["verdict"] == expected
+
+
+def test_wilson_lower_bound():
+    assert wilson_lower(0, 0, 1.96) == 0.0
+    assert wilson_lower(0, 10, 1.96) == 0.0
+    # the textbook 95 % interval for 8 of 10 is (0.490, 0.943)
+    assert wilson_lower(8, 10, 1.96) == pytest.approx(0.490, abs=1e-3)
+    assert wilson_lower(50, 50, 1.645) == pytest.approx(50 / (50 + 1.645 ** 2))
 
 
 def test_verdict_with_nothing_isolated():
@@ -362,7 +406,9 @@ def test_split_writes_kept_isolated_csv_and_json(scanned, tiny_data, tmp_path):
     saved = json.loads((out / "split.json").read_text())
     assert saved["samples"] == 36 and saved["kept"] == 30 and saved["isolated"] == 6
     assert saved["gamma"] == pytest.approx(30 / 36)
-    assert saved["verdict"] == "backdoor suspected" and saved["suspected_class"] == "class_0"
+    # all six isolated images are class_0, but six draws cannot show a concentration of 0.5
+    assert saved["suspected_class"] == "class_0" and saved["concentration"] == pytest.approx(1.0)
+    assert saved["concentration_low"] < 0.5 and saved["verdict"] == "no backdoor evidence"
     assert saved["settings"]["method"] == "otsu" and saved["settings"]["min_isolated"] == 0.10
     assert saved["dataset_fingerprint"] == json.loads(scanned.with_name("scan.json").read_text())[
         "dataset_fingerprint"]
@@ -519,7 +565,11 @@ def test_fail_over_gate_passes_below_the_share(scanned, tmp_path):
     assert json.loads((tmp_path / "work" / "split" / "split.json").read_text())["gates"] == []
 
 
-def test_fail_on_suspect_gate(scanned, tmp_path):
+def test_fail_on_suspect_gate(tmp_path):
+    data = make_folder(tmp_path / "data", per_class=40)
+    scores = np.linspace(5.0, 6.0, 120)
+    scores[:30] = np.linspace(0.001, 0.01, 30)  # thirty of class_0's forty images
+    write_fake_scan(tmp_path / "work", data, scores)
     result = _split_cli(tmp_path / "work", "--fail-on-suspect", "--json")
     assert result.exit_code == 3, result.output
     summary = json.loads(result.stdout)
