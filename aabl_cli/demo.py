@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from aabl_cli.backdoors.base import Built, Context
+from aabl_cli.backdoors.base import Built, Context, to_float, to_uint8
 from aabl_cli.evaluate import PAPER_RA, Threat, evaluate
 from aabl_cli.fsutil import atomic_output_dir, write_json
 from aabl_cli.poison import ATTACKS, CSV_COLUMNS, select_noise, select_poisoned
@@ -73,14 +73,6 @@ FULL = Recipe(image_size=16, train_per_class=150, test_per_class=50, contrast=0.
 QUICK = replace(FULL, train_per_class=30, test_per_class=10, scan_epochs=2, train_epochs=1, train_steps=1)
 
 
-def _to_float(images: np.ndarray) -> torch.Tensor:
-    return torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255
-
-
-def _to_uint8(x: torch.Tensor) -> np.ndarray:
-    return (x * 255).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
-
-
 def _builds(poisons: Sequence[Poison], *, seed: int, test: bool) -> list[Built]:
     """Each poison's trigger (and noise trigger), from the same builders `aabl poison` uses."""
     return [ATTACKS[p.attack].build(Context(root=Path("."), classes=list(CLASSES), target=p.target, seed=seed,
@@ -109,14 +101,14 @@ def poison_shapes(images: np.ndarray, labels: np.ndarray, *, poisons: Sequence[P
         noise = select_noise(n, sorted(taken | set(chosen)), count=ATTACKS[poison.attack].noise_ratio * len(chosen),
                              seed=seed + k)
         taken |= set(chosen) | set(noise)
-        images[chosen] = _to_uint8(built.trigger(_to_float(images[chosen])))
+        images[chosen] = to_uint8(built.trigger(to_float(images[chosen])))
         labels[chosen] = poison.target
         for i in chosen:
             kinds[i] = ("poison", poison.attack, poison.target)
         if noise:
             assert built.noise is not None, f"{poison.attack} has no noise mode"
             generator = torch.Generator().manual_seed(seed + k)
-            images[noise] = _to_uint8(built.noise(_to_float(images[noise]), generator))
+            images[noise] = to_uint8(built.noise(to_float(images[noise]), generator))
             for i in noise:
                 kinds[i] = ("noise", poison.attack, poison.target)
     rows = [(image_path(i, int(labels[i])), int(kind == "poison"), kind, int(original[i]), int(labels[i]), attack,
@@ -131,7 +123,7 @@ def triggered_test(images: np.ndarray, labels: np.ndarray, *, poisons: Sequence[
     sets = []
     for poison, built in zip(poisons, _builds(poisons, seed=seed, test=True)):
         keep = np.flatnonzero(labels != poison.target)
-        x = _to_uint8(built.trigger(_to_float(images[keep])))
+        x = to_uint8(built.trigger(to_float(images[keep])))
         y = np.full(len(keep), poison.target, dtype=np.int64)
         rows = [(image_path(j, poison.target), 1, "poison", int(labels[i]), poison.target, poison.attack,
                  poison.target) for j, i in enumerate(keep)]

@@ -26,7 +26,7 @@ from PIL import Image
 
 from aabl_cli import __version__
 from aabl_cli.backdoors import blend, clb, iab, ssba, wanet
-from aabl_cli.backdoors.base import Built, Context, Trigger
+from aabl_cli.backdoors.base import Built, Context, Trigger, to_float, to_uint8
 from aabl_cli.backdoors.blend import BLEND_ALPHA, PATTERNS, blend_trigger, load_pattern, resize_pattern
 from aabl_cli.backdoors.patches import TROJAN_GLYPH, badnets_trigger, trojan_trigger
 from aabl_cli.checkpoint import save_trigger
@@ -434,8 +434,7 @@ def _poison_batch(root: Path, listing: FolderListing, batch: Sequence[int], name
         groups[arr.shape].append(j)
     outputs: list[np.ndarray] = [arrays[0]] * len(arrays)
     for members in groups.values():
-        x = torch.from_numpy(np.stack([arrays[j] for j in members])).permute(0, 3, 1, 2).float() / 255
-        y = (trigger(x) * 255).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
+        y = to_uint8(trigger(to_float(np.stack([arrays[j] for j in members]))))
         for j, img in zip(members, y):
             outputs[j] = img
 

@@ -25,6 +25,7 @@ from PIL import Image
 from torch import nn
 
 from aabl_cli import report_html
+from aabl_cli.backdoors.base import to_float
 from aabl_cli.checkpoint import load_model
 from aabl_cli.data import decode_image
 from aabl_cli.device import resolve_device
@@ -232,7 +233,7 @@ def _saliency_for(model: nn.Module, images: np.ndarray, labels: np.ndarray, devi
     maps = []
     batches = range(0, len(images), SALIENCY_BATCH)
     for start in progress(batches, total=len(batches), desc="saliency", unit="batch", quiet=quiet):
-        x = torch.from_numpy(images[start:start + SALIENCY_BATCH]).permute(0, 3, 1, 2).to(device).float() / 255
+        x = to_float(images[start:start + SALIENCY_BATCH]).to(device)
         y = torch.from_numpy(labels[start:start + SALIENCY_BATCH]).to(device)
         maps.append(gradient_saliency(model, x, y).float().cpu().numpy())
     return np.concatenate(maps) if maps else np.empty((0, 0, 0), dtype=np.float32)

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from aabl_cli.data import MIN_SIDE, ImageDataset, load_image_folder
@@ -14,6 +15,16 @@ from aabl_cli.errors import AablError
 
 Trigger = Callable[[torch.Tensor], torch.Tensor]  # float (N, 3, H, W) in [0, 1] -> the same, triggered
 NoiseTrigger = Callable[[torch.Tensor, torch.Generator], torch.Tensor]
+
+
+def to_float(images: np.ndarray) -> torch.Tensor:
+    """uint8 (N, H, W, 3) images -> float (N, 3, H, W) in [0, 1], the form triggers take."""
+    return torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255
+
+
+def to_uint8(x: torch.Tensor) -> np.ndarray:
+    """float (N, 3, H, W) in [0, 1] -> uint8 (N, H, W, 3), rounded to the nearest level."""
+    return (x * 255).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
 
 
 @dataclass(frozen=True)
