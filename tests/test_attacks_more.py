@@ -21,9 +21,10 @@ from torch import nn
 
 from aabl_cli.backdoors.patches import TROJAN_GLYPH, glyph_pattern
 from aabl_cli.backdoors.wanet import WarpTrigger, control_field, warp_grid
-from aabl_cli.cli import ATTACK_CHOICES, cli
+from aabl_cli.cli import cli
 from aabl_cli.errors import AablError
 from aabl_cli.evaluate import Threat, accuracy
+from aabl_cli.options import ATTACK_CHOICES
 from aabl_cli.poison import ATTACKS, TRIGGER_FILE, poison_folder
 
 SIZE = 32  # px: the size the patch triggers are defined at

@@ -18,7 +18,8 @@ from safetensors import safe_open
 
 import aabl_cli.scan as scan_mod
 import aabl_cli.split as split_mod
-from aabl_cli.cli import BUDGET, SHARE, cli
+from aabl_cli.cli import cli
+from aabl_cli.options import BUDGET, SHARE
 
 SCORE_COLUMNS = ["index", "path", "label", "class", "score", "ce_adv", "loss_clean", "pred_clean", "pred_adv"]
 

@@ -4,8 +4,8 @@ import pytest
 import torch
 from torch import nn
 
-from aabl_cli.cli import ARCH_CHOICES
 from aabl_cli.models import ARCHS, Normalize, build_model, channel_stats
+from aabl_cli.options import ARCH_CHOICES
 
 
 def test_cli_choices_are_the_registry():

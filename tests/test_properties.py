@@ -17,9 +17,9 @@ from conftest import make_folder, write_fake_scan
 from hypothesis import HealthCheck, assume, example, given, settings
 from hypothesis import strategies as st
 
-from aabl_cli.cli import BUDGET, SHARE
 from aabl_cli.data import list_image_folder
 from aabl_cli.errors import AablError
+from aabl_cli.options import BUDGET, SHARE
 from aabl_cli.split import choose_isolated, read_ground_truth, read_scores, split
 
 FAST = settings(max_examples=60, deadline=None)

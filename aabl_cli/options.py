@@ -1,0 +1,161 @@
+"""Options and option types the `aabl` commands share, and how their summaries are printed."""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Callable
+from fractions import Fraction
+from pathlib import Path
+from typing import Any
+
+import click
+
+ARCH_CHOICES = ("cnn", "resnet18", "resnet34", "vgg16", "mobilenetv2", "densenet121")
+# poison.ATTACKS' keys, spelled out so that `--help` need not import torch
+ATTACK_CHOICES = ("badnets", "blend", "trojan", "wanet", "iab", "ssba", "clb")
+
+
+# An exponent past float range: Fraction("1e999999999") would compute 10**999999999 (minutes, gigabytes).
+_HUGE_EXPONENT = re.compile(r"[eE][+-]?0*[1-9]\d{3,}")
+
+
+def parse_fraction(text: str) -> Fraction:
+    """`Fraction(text)` (never eval), refusing exponents that no budget or share needs before they cost
+    minutes. Raises ValueError or ZeroDivisionError for text that is not a number."""
+    if _HUGE_EXPONENT.search(text):
+        raise ValueError(f"exponent out of range in {text!r}")
+    return Fraction(text)
+
+
+class Budget(click.ParamType):
+    """A budget in [0, 1] pixel units: `8/255`, `0.0314` or `0` (fractions, never eval)."""
+
+    name = "BUDGET"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> float:
+        if isinstance(value, float):
+            return value
+        text = str(value).strip()
+        try:
+            number = parse_fraction(text)
+        except (ValueError, ZeroDivisionError):
+            self.fail(f"{text!r} is not a number or fraction; write it like 8/255 or 0.0314", param, ctx)
+        if number < 0:
+            self.fail(f"{text} is negative; a budget is at least 0 (e.g. 8/255)", param, ctx)
+        if number > 1:
+            self.fail(f"{text} is above 1 (budgets are in [0, 1] pixel units): did you mean {text}/255?", param, ctx)
+        return float(number)
+
+
+class ShareType(click.ParamType):
+    """A share of the data set in [0, 1]: `0.1`, `1/10` or `10%`."""
+
+    name = "FRACTION"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> float:
+        if isinstance(value, float):
+            return value
+        text = str(value).strip()
+        try:
+            number = parse_fraction(text[:-1]) / 100 if text.endswith("%") else parse_fraction(text)
+        except (ValueError, ZeroDivisionError):
+            self.fail(f"{text!r} is not a fraction; write it like 0.1, 1/10 or 10%", param, ctx)
+        if not 0 <= number <= 1:
+            self.fail(f"{text} is outside [0, 1]; write a share such as 0.1 or 10%", param, ctx)
+        return float(number)
+
+
+BUDGET = Budget()
+SHARE = ShareType()
+
+
+def common_options(func: Callable[..., Any]) -> Callable[..., Any]:
+    """Options every stage shares."""
+    options = [
+        click.option("--workdir", type=click.Path(file_okay=False, path_type=Path), default=Path("aabl-out"),
+                     show_default=True, help="Work directory shared by scan, split and train."),
+        click.option("--device", default="auto", show_default=True,
+                     help="auto picks CUDA, then MPS, then the CPU; or cpu, cuda, cuda:N, mps."),
+        click.option("--seed", type=int, default=0, show_default=True,
+                     help="Seeds everything; a CPU run repeats bit for bit."),
+        click.option("--cache-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+                     help="Where decoded datasets are cached.  [default: $XDG_CACHE_HOME/aabl]"),
+        click.option("--on-bad-file", type=click.Choice(["error", "skip"]), default="error", show_default=True,
+                     help="error stops at an unreadable image; skip leaves it out and lists it in the summary."),
+        click.option("--quiet", is_flag=True, help="No progress bars or log lines."),
+        click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON on stdout."),
+    ]
+    for option in reversed(options):
+        func = option(func)
+    return func
+
+
+def training_options(default_arch: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    def wrap(func: Callable[..., Any]) -> Callable[..., Any]:
+        options = [
+            click.option("--arch", type=click.Choice(ARCH_CHOICES), default=default_arch, show_default=True,
+                         help="Network; cnn is a small residual CNN that is quick on a CPU."),
+            click.option("--batch-size", type=click.IntRange(2), default=128, show_default=True,
+                         help="Training batch size (images)."),
+            click.option("--image-size", type=click.IntRange(16, 1024), default=None,
+                         help="Resize images to N x N px.  [default: the most common size in the folder]"),
+            click.option("--resume", is_flag=True,
+                         help="Continue an interrupted run of this stage from its last finished epoch."),
+            click.option("--compile", "compile_model", is_flag=True,
+                         help="torch.compile the training and attack passes: pays off on a GPU for long runs "
+                              "(the first batches wait a minute or more for compilation; the last partial "
+                              "batch of each epoch is dropped so shapes stay fixed)."),
+        ]
+        for option in reversed(options):
+            func = option(func)
+        return func
+    return wrap
+
+
+def emit(summary: dict[str, Any], as_json: bool, text: str) -> None:
+    from aabl_cli.distributed import launched_as_main
+
+    if not launched_as_main():  # under torchrun rank 0 alone reports
+        return
+    if as_json:
+        click.echo(json.dumps(summary, indent=2, default=str))
+    else:
+        click.echo(text)
+
+
+
+def check_run_options(o: dict[str, Any]) -> None:
+    if o["method"] == "quantile" and o["fraction"] is None:
+        raise click.BadParameter("--method quantile needs --fraction (the share to isolate)", param_hint="--fraction")
+    if o["method"] == "fixed" and o["threshold"] is None:
+        raise click.BadParameter("--method fixed needs --threshold", param_hint="--threshold")
+
+
+def scaled_lr(options: dict[str, Any], name: str) -> float:
+    """SGD's learning rate: left at its default it follows the effective batch (batch per process x
+    torchrun processes) by the linear scaling rule, 0.1 x batch / 128; given explicitly it is kept."""
+    from aabl_cli.distributed import env_world_size, launched_as_main
+    from aabl_cli.progress import log
+
+    lr = options[name]
+    effective = options["batch_size"] * env_world_size()
+    if click.get_current_context().get_parameter_source(name) != click.core.ParameterSource.DEFAULT or effective == 128:
+        return lr
+    scaled = lr * effective / 128
+    log(f"train: effective batch {effective}: learning rate scaled to {scaled:.4g} "
+        f"(pass --{name.replace('_', '-')} to set it yourself)", quiet=options["quiet"] or not launched_as_main())
+    return scaled
+
+
+def parse_milestones(text: str | None, epochs: int) -> list[int] | None:
+    if text is None:
+        return None
+    try:
+        values = sorted(int(v) for v in text.split(",") if v.strip())
+    except ValueError as err:
+        raise click.BadParameter(f"{text!r}: give epochs as integers, e.g. 50,75,90",
+                                 param_hint="--milestones") from err
+    if any(not 0 < v <= epochs for v in values):
+        raise click.BadParameter(f"{text!r}: every milestone must lie in 1..{epochs}", param_hint="--milestones")
+    return values
