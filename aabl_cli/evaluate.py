@@ -122,7 +122,8 @@ def evaluate(model: str | Path, test: str | Path, *, poisoned: str | Path | None
     """ACC on the clean `test` folder, RA under `threat` (PGD), ASR on the `poisoned` folder.
 
     The poisoned folder holds triggered images relabelled to the target (`aabl poison
-    --test`), so ASR is the share classified as their (target) label. Returns fractions.
+    --test`), so ASR is the share classified as their (target) label; `target_rate` is the
+    same share on the clean non-target test images, ASR's baseline. Returns fractions.
     """
     dev = distributed.setup(resolve_device(device))
     quiet = quiet or not distributed.is_main()
@@ -146,10 +147,27 @@ def evaluate(model: str | Path, test: str | Path, *, poisoned: str | Path | None
                                                  quiet=quiet)
         result["poisoned"] = str(poisoned)
         result["asr"] = _sharded_accuracy(net, p_images, p_labels, device=dev, batch_size=batch_size)
+        result.update(_target_rate(net, images, labels, p_labels, meta["classes"], device=dev,
+                                   batch_size=batch_size))
     if distributed.world() > 1:
         result["distributed"] = distributed.describe(batch_size)
     result["seconds"] = time.time() - started
     return result
+
+
+def _target_rate(net: nn.Module, images: torch.Tensor, labels: torch.Tensor, p_labels: torch.Tensor,
+                 classes: list[str], *, device: torch.device, batch_size: int) -> dict[str, Any]:
+    """ASR's baseline: the share of clean test images outside the target class classified as the
+    target, without any trigger. An ASR near it says the model favours the target class, not that
+    it learnt the trigger. Empty without one target or without clean non-target images."""
+    targets = p_labels.unique()
+    others = labels != targets[0] if len(targets) == 1 else torch.zeros(0, dtype=torch.bool)
+    if len(targets) != 1 or not bool(others.any()):
+        return {}
+    target = int(targets[0])
+    rate = _sharded_accuracy(net, images[others], torch.full((int(others.sum()),), target, dtype=labels.dtype),
+                             device=device, batch_size=batch_size)
+    return {"target": classes[target], "target_rate": rate}
 
 
 def _sharded_accuracy(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, *, device: torch.device,

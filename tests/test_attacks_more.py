@@ -368,4 +368,23 @@ def test_evaluate_reports_acc_ra_and_asr_of_a_known_model(tmp_path: Path, monkey
     assert numbers["acc"] == pytest.approx(8 / 9)  # b's 100 is the one clean mistake
     assert numbers["ra"] == pytest.approx(5 / 9)  # a's 124 and b's 130 lie within 8/255 of T
     assert numbers["asr"] == pytest.approx(3 / 4)
+    assert numbers["target"] == "b" and numbers["target_rate"] == 0.0  # every clean a stays a
     assert numbers["threat"]["restarts"] == 3 and numbers["threat"]["eps"] == pytest.approx(8 / 255)
+
+
+def test_evaluate_reports_the_target_rate_of_clean_images(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A model that calls bright images b calls two of the four clean a images b without any trigger: an ASR
+    near that rate measures a bias towards the target, not a backdoor."""
+    test = write_grey(tmp_path / "test", {"a": [100, 200, 210, 100], "b": [200, 200]})
+    poisoned = write_grey(tmp_path / "poisoned", {"b": [200, 220, 100]})
+    model = Threshold(linear=True)
+    monkeypatch.setattr("aabl_cli.evaluate.load_model",
+                        lambda path, device: (model, {"classes": ["a", "b"], "image_size": [16, 16]}))
+    result = CliRunner().invoke(cli, ["evaluate", str(tmp_path / "model.safetensors"), str(test), "--poisoned",
+                                      str(poisoned), "--eps", "0", "--device", "cpu", "--quiet",
+                                      "--cache-dir", str(tmp_path / "cache")])
+    assert result.exit_code == 0, result.output
+    numbers = json.loads(result.output)
+    assert numbers["asr"] == pytest.approx(2 / 3) and numbers["target"] == "b"
+    assert numbers["target_rate"] == pytest.approx(2 / 4)
+    assert numbers["acc"] == pytest.approx(4 / 6)
