@@ -22,10 +22,11 @@ def reproduce(tmp_path, monkeypatch):
 def _result(dataset, attack, mode, **numbers):
     row = {"dataset": dataset, "attack": attack, "mode": mode, "category": "A", "arch": "cnn", "scan_epochs": 20,
            "train_epochs": 20, "train_steps": 5, "train_batch": 64, "seed": "0", "device": "CPU (x86_64, 2 cores)",
-           "torch": "2.x", "seconds": {"train": 1200.0}, "acc": 0.5, "ra": 0.25, "asr": 0.03, "finished": True}
+           "torch": "2.x", "seconds": {"train": 1200.0}, "acc": 0.5, "ra": 0.25, "asr": 0.03, "target_rate": 0.02,
+           "finished": True}
     if mode == "aabl":
         row.update(gamma=0.8, rho_vul=0.0125, recall=0.9, verdict="backdoor suspected", naive_acc=0.6,
-                   naive_asr=0.95)
+                   naive_asr=0.95, naive_target_rate=0.1)
     row.update(numbers)
     return row
 
@@ -39,10 +40,11 @@ def test_tables_hold_ours_beside_the_papers_and_list_what_is_missing(reproduce):
     text = reproduce.render("cpu")
     assert f"2 of {len(reproduce.CONFIGS)} configurations finished" in text
     # Table 1 row: our gamma, rho_vul, recall, naive ASR; the paper's gamma and rho_vul for BadNets
-    assert "| cifar10 | badnets | A | 80.0 | 1.25 | 90.0 | backdoor suspected | 60.0 | 95.0 | 82.34 | 0.13 |" in text
+    assert ("| cifar10 | badnets | A | 80.0 | 1.25 | 90.0 | backdoor suspected | 60.0 | 95.0 | 10.0 | 82.34 | 0.13 |"
+            in text)
     # Table 3 rows: A-ABL beside the paper's A-ABL, Adv. Train beside the paper's Adv. Train
-    assert "| cifar10 | badnets | A-ABL | 50.0 | 25.0 | 3.0 | 83.59 | 46.63 | 1.26 | 20 |" in text
-    assert "| cifar10 | badnets | Adv. Train | 50.0 | 25.0 | 99.0 | 83.72 | 46.28 | 100.00 | 20 |" in text
+    assert "| cifar10 | badnets | A-ABL | 50.0 | 25.0 | 3.0 | 2.0 | 83.59 | 46.63 | 1.26 | 20 |" in text
+    assert "| cifar10 | badnets | Adv. Train | 50.0 | 25.0 | 99.0 | 2.0 | 83.72 | 46.28 | 100.00 | 20 |" in text
     assert "cifar10/none/aabl" in text.split("Not yet run")[1]
     assert "cifar10/badnets/aabl" not in text.split("Not yet run")[1]
 
@@ -95,3 +97,31 @@ def test_finished_configurations_are_not_run_again(reproduce, tmp_path, monkeypa
     assert ran == [("cifar10", "clb", "aabl"), ("cifar10", "blend", "advtrain")]  # unfinished ones run again
     assert json.loads((store / "cifar10-blend-advtrain.json").read_text())["seconds"]["total"] >= 0
     assert "| cifar10 | blend | Adv. Train |" in md.read_text()
+
+
+def test_refresh_rederives_numbers_but_keeps_the_runs_times(reproduce, tmp_path, monkeypatch):
+    store = reproduce.RESULTS / "cpu"
+    store.mkdir(parents=True)
+    old = _result("cifar10", "badnets", "aabl", seconds={"train": 1500.0}, date="2026-01-01")
+    del old["target_rate"]
+    (store / "cifar10-badnets-aabl.json").write_text(json.dumps(old))
+    (store / "cifar10-trojan-aabl.json").write_text(json.dumps(_result("cifar10", "trojan", "aabl")))
+    work = tmp_path / "work"
+    (work / "cpu" / "cifar10" / "badnets" / "aabl" / "train").mkdir(parents=True)
+    (work / "cpu" / "cifar10" / "badnets" / "aabl" / "train" / "train.json").write_text("{}")
+    ran = []
+
+    def fake_run(dataset, attack, mode, args, on_split=None):
+        ran.append((dataset, attack, mode))
+        return _result(dataset, attack, mode, target_rate=0.07, seconds={}, date="2026-11-28")
+
+    monkeypatch.setattr(reproduce, "run_config", fake_run)
+    md = tmp_path / "RESULTS.md"
+    monkeypatch.setattr(sys, "argv", ["reproduce.py", "--only", "cifar10/badnets,cifar10/trojan", "--refresh",
+                                      "--md", str(md), "--work", str(work)])
+    reproduce.main()
+    assert ran == [("cifar10", "badnets", "aabl")]  # trojan has no work directory here: left as stored
+    refreshed = json.loads((store / "cifar10-badnets-aabl.json").read_text())
+    assert refreshed["target_rate"] == 0.07
+    assert refreshed["seconds"] == {"train": 1500.0} and refreshed["date"] == "2026-01-01"
+    assert "| cifar10 | badnets | A-ABL | 50.0 | 25.0 | 3.0 | 7.0 |" in md.read_text()
