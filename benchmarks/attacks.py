@@ -17,23 +17,14 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import platform
 import shutil
-import subprocess
-import sys
 import time
 from pathlib import Path
 
+from cli_runner import aabl, device_name
+
 ATTACKS = ("none", "badnets", "blend", "blend-noise", "trojan", "wanet", "iab", "ssba", "clb")
 VARIANTS = {"blend-noise": ["--attack", "blend", "--pattern", "noise"]}  # name -> poison options
-
-
-def aabl(*args: str | Path) -> str:
-    cmd = [sys.executable, "-m", "aabl_cli", *map(str, args)]
-    done = subprocess.run(cmd, capture_output=True, text=True)
-    if done.returncode != 0:
-        raise SystemExit(f"{' '.join(cmd)} failed ({done.returncode}):\n{done.stderr[-3000:]}")
-    return done.stdout
 
 
 def run_attack(attack: str, args: argparse.Namespace) -> dict[str, float | str]:
@@ -66,15 +57,7 @@ def run_attack(attack: str, args: argparse.Namespace) -> dict[str, float | str]:
         with open(train_dir / "poison.csv", newline="") as fh:
             poisoned = str(sum(1 for row in csv.DictReader(fh) if row["poisoned"] == "1"))
     return {"attack": attack, "poisoned": poisoned, "generation_s": generation, "train_s": training,
-            "acc": result["acc"], "asr": result["asr"], "device": _device_name(args.device)}
-
-
-def _device_name(device: str) -> str:
-    import torch
-
-    if device != "cpu" and torch.cuda.is_available():
-        return torch.cuda.get_device_name()
-    return f"CPU ({platform.machine()})"
+            "acc": result["acc"], "asr": result["asr"], "device": device_name(args.device)}
 
 
 def main() -> None:

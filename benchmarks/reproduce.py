@@ -14,6 +14,8 @@ epoch), and each configuration's numbers go to benchmarks/results/<scale>/<datas
 as soon as it finishes; a rerun skips finished configurations. So the benchmark can run
 piece by piece, in the background, across sessions; results/ is committed. The tables in
 benchmarks/RESULTS.md (between its `tables` markers) are rewritten from all result files.
+`--refresh` re-derives finished configurations' numbers from their work directories (after
+a change to the split or the evaluation), redoing only evaluations that lack a number.
 """
 
 from __future__ import annotations
@@ -21,14 +23,14 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import os
-import platform
 import subprocess
 import sys
 import time
 import zipfile
 from collections.abc import Callable
 from pathlib import Path
+
+from cli_runner import aabl, device_name
 
 from aabl_cli.data import list_image_folder
 
@@ -74,18 +76,6 @@ PAPER_ADVTRAIN = {
     "cifar10": {"none": (83.47, None, 45.32), "badnets": (83.72, 100.00, 46.28), "blend": (82.81, 3.37, 46.22)},
     "gtsrb": {"none": (89.27, None, 62.43), "badnets": (89.44, 100.00, 62.24), "blend": (89.17, 13.73, 62.45)},
 }
-
-
-def aabl(*args: object, threads: int | None) -> str:
-    """Run `python -m aabl_cli ARGS`; its stdout, or exit with its stderr's tail."""
-    env = dict(os.environ)
-    if threads:
-        env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(threads)
-    cmd = [sys.executable, "-m", "aabl_cli", *map(str, args)]
-    done = subprocess.run(cmd, capture_output=True, text=True, env=env)
-    if done.returncode != 0:
-        raise SystemExit(f"{' '.join(cmd)} failed ({done.returncode}):\n{done.stderr[-3000:]}")
-    return done.stdout
 
 
 def prepare_data(dataset: str, args: argparse.Namespace, scale: dict) -> tuple[Path, Path]:
@@ -177,17 +167,9 @@ def run_config(dataset: str, attack: str, mode: str, args: argparse.Namespace, *
     final = evaluate(wd / "train" / "model.safetensors", test, p_test, wd / "final-eval.json", args, robust=True)
     result.update(acc=final["acc"], ra=final["ra"], asr=final.get("asr"), target_rate=final.get("target_rate"),
                   train_history=history,
-                  seconds=seconds, device=_device_name(args.device), torch=_torch_version(),
+                  seconds=seconds, device=device_name(args.device), torch=_torch_version(),
                   threads=args.threads, date=datetime.date.today().isoformat(), finished=True)
     return result
-
-
-def _device_name(device: str) -> str:
-    import torch
-
-    if device != "cpu" and torch.cuda.is_available():
-        return torch.cuda.get_device_name()
-    return f"CPU ({platform.machine()}, {os.cpu_count()} cores)"
 
 
 def _torch_version() -> str:
