@@ -342,8 +342,8 @@ def report(workdir: Path, as_json: bool, **options: Any) -> None:
     summary = write_report(workdir, **options)
     if not options["quiet"] or as_json:
         emit(summary, as_json, f"wrote {summary['report']} ({summary['bytes'] / 1e6:.1f} MB): "
-                                f"{summary['gallery']['images']} isolated images in the gallery, verdict: "
-                                f"{summary['verdict']}")
+                               f"{summary['gallery']['images']} isolated images in the gallery, verdict: "
+                               f"{summary['verdict']}")
 
 
 @cli.command()
@@ -460,8 +460,6 @@ def run(data: Path, as_json: bool, dry_run: bool, **o: Any) -> None:
             f"{summary['train']['settings']['epochs']} epochs: train accuracy {accuracy:.1%}\n"
             f"wrote {o['workdir']}/ (scan/, split/, train/)")
     emit(summary, as_json, text)
-
-
 
 
 def main() -> None:

@@ -161,10 +161,12 @@ def _target_rate(net: nn.Module, images: torch.Tensor, labels: torch.Tensor, p_l
     target, without any trigger. An ASR near it says the model favours the target class, not that
     it learnt the trigger. Empty without one target or without clean non-target images."""
     targets = p_labels.unique()
-    others = labels != targets[0] if len(targets) == 1 else torch.zeros(0, dtype=torch.bool)
-    if len(targets) != 1 or not bool(others.any()):
+    if len(targets) != 1:
         return {}
     target = int(targets[0])
+    others = labels != target
+    if not bool(others.any()):
+        return {}
     rate = _sharded_accuracy(net, images[others], torch.full((int(others.sum()),), target, dtype=labels.dtype),
                              device=device, batch_size=batch_size)
     return {"target": classes[target], "target_rate": rate}

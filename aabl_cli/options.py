@@ -124,7 +124,6 @@ def emit(summary: dict[str, Any], as_json: bool, text: str) -> None:
         click.echo(text)
 
 
-
 def check_run_options(o: dict[str, Any]) -> None:
     if o["method"] == "quantile" and o["fraction"] is None:
         raise click.BadParameter("--method quantile needs --fraction (the share to isolate)", param_hint="--fraction")

@@ -166,8 +166,7 @@ def run_config(dataset: str, attack: str, mode: str, args: argparse.Namespace, *
     history = (wd / "train" / "history.csv").read_text().splitlines()
     final = evaluate(wd / "train" / "model.safetensors", test, p_test, wd / "final-eval.json", args, robust=True)
     result.update(acc=final["acc"], ra=final["ra"], asr=final.get("asr"), target_rate=final.get("target_rate"),
-                  train_history=history,
-                  seconds=seconds, device=device_name(args.device), torch=_torch_version(),
+                  train_history=history, seconds=seconds, device=device_name(args.device), torch=_torch_version(),
                   threads=args.threads, date=datetime.date.today().isoformat(), finished=True)
     return result
 

@@ -352,19 +352,26 @@ def write_grey(root: Path, per_class: dict[str, list[int]]) -> Path:
     return root
 
 
-def test_evaluate_reports_acc_ra_and_asr_of_a_known_model(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The linear model is fooled exactly when the image lies within 8/255 of T on the right side (PGD-10 at
-    step 2/255 reaches the budget from any start), so every number is known."""
-    test = write_grey(tmp_path / "test", {"a": [100, 100, 100, 124, 124], "b": [200, 200, 130, 100]})
-    poisoned = write_grey(tmp_path / "poisoned", {"b": [200, 200, 200, 100]})
+def evaluate_threshold_model(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, test: dict[str, list[int]],
+                             poisoned: dict[str, list[int]], *options: str) -> dict:
+    """`aabl evaluate` of the linear Threshold model (classes a, b) on grey test and poisoned folders."""
+    test_dir, poisoned_dir = write_grey(tmp_path / "test", test), write_grey(tmp_path / "poisoned", poisoned)
     model = Threshold(linear=True)
     monkeypatch.setattr("aabl_cli.evaluate.load_model",
                         lambda path, device: (model, {"classes": ["a", "b"], "image_size": [16, 16]}))
-    result = CliRunner().invoke(cli, ["evaluate", str(tmp_path / "model.safetensors"), str(test), "--poisoned",
-                                      str(poisoned), "--restarts", "3", "--device", "cpu", "--quiet",
+    result = CliRunner().invoke(cli, ["evaluate", str(tmp_path / "model.safetensors"), str(test_dir), "--poisoned",
+                                      str(poisoned_dir), *options, "--device", "cpu", "--quiet",
                                       "--cache-dir", str(tmp_path / "cache")])
     assert result.exit_code == 0, result.output
-    numbers = json.loads(result.output)
+    return json.loads(result.output)
+
+
+def test_evaluate_reports_acc_ra_and_asr_of_a_known_model(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The linear model is fooled exactly when the image lies within 8/255 of T on the right side (PGD-10 at
+    step 2/255 reaches the budget from any start), so every number is known."""
+    numbers = evaluate_threshold_model(tmp_path, monkeypatch,
+                                       {"a": [100, 100, 100, 124, 124], "b": [200, 200, 130, 100]},
+                                       {"b": [200, 200, 200, 100]}, "--restarts", "3")
     assert numbers["acc"] == pytest.approx(8 / 9)  # b's 100 is the one clean mistake
     assert numbers["ra"] == pytest.approx(5 / 9)  # a's 124 and b's 130 lie within 8/255 of T
     assert numbers["asr"] == pytest.approx(3 / 4)
@@ -375,16 +382,8 @@ def test_evaluate_reports_acc_ra_and_asr_of_a_known_model(tmp_path: Path, monkey
 def test_evaluate_reports_the_target_rate_of_clean_images(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A model that calls bright images b calls two of the four clean a images b without any trigger: an ASR
     near that rate measures a bias towards the target, not a backdoor."""
-    test = write_grey(tmp_path / "test", {"a": [100, 200, 210, 100], "b": [200, 200]})
-    poisoned = write_grey(tmp_path / "poisoned", {"b": [200, 220, 100]})
-    model = Threshold(linear=True)
-    monkeypatch.setattr("aabl_cli.evaluate.load_model",
-                        lambda path, device: (model, {"classes": ["a", "b"], "image_size": [16, 16]}))
-    result = CliRunner().invoke(cli, ["evaluate", str(tmp_path / "model.safetensors"), str(test), "--poisoned",
-                                      str(poisoned), "--eps", "0", "--device", "cpu", "--quiet",
-                                      "--cache-dir", str(tmp_path / "cache")])
-    assert result.exit_code == 0, result.output
-    numbers = json.loads(result.output)
+    numbers = evaluate_threshold_model(tmp_path, monkeypatch, {"a": [100, 200, 210, 100], "b": [200, 200]},
+                                       {"b": [200, 220, 100]}, "--eps", "0")
     assert numbers["asr"] == pytest.approx(2 / 3) and numbers["target"] == "b"
     assert numbers["target_rate"] == pytest.approx(2 / 4)
     assert numbers["acc"] == pytest.approx(4 / 6)
