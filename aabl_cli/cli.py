@@ -317,6 +317,8 @@ def evaluate(model: Path, test: Path, eps: float, step_size: float, steps: int, 
     if out is not None:
         write_json(out, result)
     click.echo(json.dumps(result, indent=2))
+    for warning in result["warnings"]:
+        click.echo(f"warning: {warning}", err=True)
 
 
 @cli.command()

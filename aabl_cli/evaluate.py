@@ -149,6 +149,7 @@ def evaluate(model: str | Path, test: str | Path, *, poisoned: str | Path | None
         result["asr"] = _sharded_accuracy(net, p_images, p_labels, device=dev, batch_size=batch_size)
         result.update(_target_rate(net, images, labels, p_labels, meta["classes"], device=dev,
                                    batch_size=batch_size))
+    result["warnings"] = reading_warnings(result)
     if distributed.world() > 1:
         result["distributed"] = distributed.describe(batch_size)
     result["seconds"] = time.time() - started
@@ -170,6 +171,22 @@ def _target_rate(net: nn.Module, images: torch.Tensor, labels: torch.Tensor, p_l
     rate = _sharded_accuracy(net, images[others], torch.full((int(others.sum()),), target, dtype=labels.dtype),
                              device=device, batch_size=batch_size)
     return {"target": classes[target], "target_rate": rate}
+
+
+# an ASR this close to the target rate (and that rate this high) is the model's bias, not a trigger
+BIAS_MARGIN, BIAS_FLOOR = 0.10, 0.20
+
+
+def reading_warnings(result: dict[str, Any]) -> list[str]:
+    """What a reader of `result` must know before trusting its ASR: a model that already
+    classifies many clean non-target images as the target scores a high ASR without having
+    learnt any trigger (it has collapsed onto, or favours, that class)."""
+    asr, rate = result.get("asr"), result.get("target_rate")
+    if asr is None or rate is None or rate < BIAS_FLOOR or asr - rate >= BIAS_MARGIN:
+        return []
+    return [f"ASR {100 * asr:.1f}% is within {100 * BIAS_MARGIN:.0f} points of the target rate {100 * rate:.1f}%: "
+            f"without any trigger the model already classifies that share of clean non-target images as "
+            f"{result['target']!r}, so the ASR shows a bias towards that class, not a learnt trigger"]
 
 
 def _sharded_accuracy(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, *, device: torch.device,

@@ -363,7 +363,9 @@ def evaluate_threshold_model(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, te
                                       str(poisoned_dir), *options, "--device", "cpu", "--quiet",
                                       "--cache-dir", str(tmp_path / "cache")])
     assert result.exit_code == 0, result.output
-    return json.loads(result.output)
+    numbers, end = json.JSONDecoder().raw_decode(result.output)  # the JSON first, warnings after it
+    numbers["printed_after"] = result.output[end:]
+    return numbers
 
 
 def test_evaluate_reports_acc_ra_and_asr_of_a_known_model(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -376,6 +378,7 @@ def test_evaluate_reports_acc_ra_and_asr_of_a_known_model(tmp_path: Path, monkey
     assert numbers["ra"] == pytest.approx(5 / 9)  # a's 124 and b's 130 lie within 8/255 of T
     assert numbers["asr"] == pytest.approx(3 / 4)
     assert numbers["target"] == "b" and numbers["target_rate"] == 0.0  # every clean a stays a
+    assert numbers["warnings"] == [] and "warning" not in numbers["printed_after"]
     assert numbers["threat"]["restarts"] == 3 and numbers["threat"]["eps"] == pytest.approx(8 / 255)
 
 
@@ -387,3 +390,31 @@ def test_evaluate_reports_the_target_rate_of_clean_images(tmp_path: Path, monkey
     assert numbers["asr"] == pytest.approx(2 / 3) and numbers["target"] == "b"
     assert numbers["target_rate"] == pytest.approx(2 / 4)
     assert numbers["acc"] == pytest.approx(4 / 6)
+    # ASR 66.7 % lies 16.7 points above the target rate: a trigger may add something, so no warning
+    assert numbers["warnings"] == []
+
+
+def test_evaluate_warns_when_asr_is_the_models_bias(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Three of four clean a images go to b without a trigger, and the triggered set scores the same: the
+    JSON and the terminal both say the ASR is a bias towards b."""
+    numbers = evaluate_threshold_model(tmp_path, monkeypatch, {"a": [100, 200, 210, 220], "b": [200]},
+                                       {"b": [200, 220, 230, 100]}, "--eps", "0")
+    assert numbers["asr"] == pytest.approx(3 / 4) and numbers["target_rate"] == pytest.approx(3 / 4)
+    [warning] = numbers["warnings"]
+    assert "ASR 75.0% is within 10 points of the target rate 75.0%" in warning and "'b'" in warning
+    assert f"warning: {warning}" in numbers["printed_after"]
+
+
+@pytest.mark.parametrize(("asr", "rate", "warned"), [
+    (0.84, 0.76, True),    # CIFAR-10 Blend through A-ABL at CPU scale: a collapse onto the target
+    (0.30, 0.29, True),    # a model that sends 29 % of every class to the target
+    (0.05, 0.05, False),   # a clean model: both near the floor, nothing to say
+    (0.19, 0.19, False),   # below the 20 % floor
+    (0.90, 0.30, False),   # 60 points above the bias: the trigger works
+    (None, None, False),   # no --poisoned
+])
+def test_reading_warnings_flag_an_asr_that_is_only_bias(asr: float | None, rate: float | None, warned: bool) -> None:
+    from aabl_cli.evaluate import reading_warnings
+
+    result = {} if asr is None else {"asr": asr, "target_rate": rate, "target": "airplane"}
+    assert bool(reading_warnings(result)) is warned
