@@ -44,8 +44,10 @@ def test_tables_hold_ours_beside_the_papers_and_list_what_is_missing(reproduce):
     assert ("| cifar10 | badnets | A | 80.0 | 1.25 | 90.0 | backdoor suspected | 60.0 | 95.0 | 10.0 | 82.34 | 0.13 |"
             in text)
     # Table 3 rows: A-ABL beside the paper's A-ABL, Adv. Train beside the paper's Adv. Train
-    assert "| cifar10 | badnets | A-ABL | 50.0 | 25.0 | 3.0 | 2.0 | 83.59 | 46.63 | 1.26 | 20 |" in text
-    assert "| cifar10 | badnets | Adv. Train | 50.0 | 25.0 | 99.0 | 2.0 | 83.72 | 46.28 | 100.00 | 20 |" in text
+    # ... and the epochs each trained for, and its minutes
+    assert "| cifar10 | badnets | A-ABL | 50.0 | 25.0 | 3.0 | 2.0 | 83.59 | 46.63 | 1.26 | 20 | 20 |" in text
+    assert "| cifar10 | badnets | Adv. Train | 50.0 | 25.0 | 99.0 | 2.0 | 83.72 | 46.28 | 100.00 | 20 | 20 |" in text
+    assert "no longer gives" not in text
     assert "cifar10/none/aabl" in text.split("Not yet run")[1]
     assert "cifar10/badnets/aabl" not in text.split("Not yet run")[1]
 
@@ -126,3 +128,44 @@ def test_refresh_rederives_numbers_but_keeps_the_runs_times(reproduce, tmp_path,
     assert refreshed["target_rate"] == 0.07
     assert refreshed["seconds"] == {"train": 1500.0} and refreshed["date"] == "2026-01-01"
     assert "| cifar10 | badnets | A-ABL | 50.0 | 25.0 | 3.0 | 7.0 |" in md.read_text()
+
+
+def test_a_result_from_other_settings_is_marked_and_trained_again(reproduce, tmp_path, monkeypatch):
+    """GTSRB trains 40 epochs at the cpu scale: a stored 20-epoch GTSRB result is shown as stale, and a
+    rerun trains it again while the CIFAR-10 one (20 epochs there) stays."""
+    assert reproduce.settings("cpu", "gtsrb")["train_epochs"] == 40
+    assert reproduce.settings("cpu", "cifar10")["train_epochs"] == 20
+    store = reproduce.RESULTS / "cpu"
+    store.mkdir(parents=True)
+    (store / "gtsrb-badnets-aabl.json").write_text(json.dumps(_result("gtsrb", "badnets", "aabl")))
+    (store / "cifar10-badnets-aabl.json").write_text(json.dumps(_result("cifar10", "badnets", "aabl")))
+    text = reproduce.render("cpu")
+    assert "| gtsrb | badnets | A-ABL | 50.0 | 25.0 | 3.0 | 2.0 | 88.65 | 60.09 | 0.01 | 20 | 20 |" in text
+    assert "no longer gives (a rerun trains them again): gtsrb/badnets/aabl." in text
+    ran = []
+
+    def fake_run(dataset, attack, mode, args, on_split):
+        ran.append((dataset, attack, mode))
+        return _result(dataset, attack, mode, train_epochs=40)
+
+    monkeypatch.setattr(reproduce, "run_config", fake_run)
+    md = tmp_path / "RESULTS.md"
+    monkeypatch.setattr(sys, "argv", ["reproduce.py", "--only", "gtsrb/badnets,cifar10/badnets", "--md", str(md),
+                                      "--work", str(tmp_path / "work")])
+    reproduce.main()
+    assert ran == [("gtsrb", "badnets", "aabl")]
+    assert "| gtsrb | badnets | A-ABL | 50.0 | 25.0 | 3.0 | 2.0 | 88.65 | 60.09 | 0.01 | 40 | 20 |" in md.read_text()
+    assert "no longer gives" not in md.read_text()
+
+
+def test_a_stale_training_is_set_aside_with_its_evaluation(reproduce, tmp_path):
+    wd = tmp_path / "aabl"
+    (wd / "train").mkdir(parents=True)
+    (wd / "train" / "train.json").write_text(json.dumps({"settings": {"epochs": 20}}))
+    (wd / "final-eval.json").write_text("{}")
+    reproduce.set_aside_stale_training(wd, 20)  # same epochs: kept
+    assert (wd / "train" / "train.json").exists() and (wd / "final-eval.json").exists()
+    reproduce.set_aside_stale_training(wd, 40)
+    assert not (wd / "train").exists() and not (wd / "final-eval.json").exists()
+    assert json.loads((wd / "train-20ep" / "train.json").read_text())["settings"]["epochs"] == 20
+    assert (wd / "final-eval-20ep.json").exists()
