@@ -53,8 +53,8 @@ SCALES: dict[str, dict] = {
             "train_steps": 10, "train_batch": 128, "train_lr": 0.1},
 }
 ZIPS = {"cifar10": ("cifar10-jpeg.zip", "cifar10"), "gtsrb": ("gtsrb32-png.zip", "gtsrb32")}
-CATEGORY = {"none": "-", "badnets": "A", "trojan": "A", "clb": "A", "iab": "A", "blend": "B", "ssba": "B",
-            "wanet": "B"}
+CATEGORY = {"none": "-", "badnets": "A", "trojan": "A", "clb": "A", "iab": "A", "blend": "B", "wanet": "B",
+            "ssba": "B"}
 # cheap and telling first: a category A, clean, a category B, then the rest
 CONFIGS = [("cifar10", "badnets", "aabl"), ("cifar10", "none", "aabl"), ("cifar10", "blend", "aabl"),
            ("cifar10", "badnets", "advtrain"), ("cifar10", "trojan", "aabl"), ("cifar10", "wanet", "aabl"),
@@ -218,8 +218,9 @@ def _paper(value: float | None) -> str:
 def render(scale: str) -> str:
     """The Markdown tables of every finished configuration at `scale`."""
     every = [json.loads(p.read_text()) for p in sorted((RESULTS / scale).glob("*.json"))]
-    order = {cfg: i for i, cfg in enumerate(CONFIGS)}
-    every.sort(key=lambda r: order.get((r["dataset"], r["attack"], r["mode"]), 99))
+    # shown by dataset, method, then category (clean, A, B) in the paper's order of attacks
+    attacks = list(CATEGORY)
+    every.sort(key=lambda r: (list(ZIPS).index(r["dataset"]), r["mode"] != "aabl", attacks.index(r["attack"])))
     aabl_rows = [r for r in every if r["mode"] == "aabl"]  # split numbers exist before training ends
     rows = [r for r in every if r.get("finished")]
     lines = [f"### Scale `{scale}`: {len(rows)} of {len(CONFIGS)} configurations finished", "",
