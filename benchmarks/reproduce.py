@@ -85,25 +85,39 @@ def settings(scale: str, dataset: str) -> dict:
     return {k: v[dataset] if isinstance(v, dict) else v for k, v in SCALES[scale].items()}
 
 
+# `aabl train`'s recorded setting -> the scale's; with the scan's, what a stored result must match
+TRAIN_SETTINGS = {"arch": "arch", "epochs": "train_epochs", "steps": "train_steps", "batch_size": "train_batch",
+                  "lr": "train_lr"}
+SCAN_SETTINGS = {"arch": "arch", "epochs": "scan_epochs"}
+
+
 def is_current(result: dict, scale: str) -> bool:
     """Whether a stored result ran with the settings `scale` now gives its dataset."""
     wanted = settings(scale, result["dataset"])
-    return all(result.get(k) == wanted[k] for k in ("arch", "scan_epochs", "train_epochs", "train_steps",
-                                                     "train_batch"))
+    return all(result.get(k) == wanted[k] for k in {*TRAIN_SETTINGS.values(), *SCAN_SETTINGS.values()})
 
 
-def set_aside_stale_training(wd: Path, epochs: int) -> None:
-    """A finished training with another epoch count is moved to `train-<N>ep` (its evaluation
-    beside it), so the configuration trains afresh and nothing measured is lost."""
+def _settings_of(stage_json: Path) -> dict:
+    return json.loads(stage_json.read_text())["settings"]
+
+
+def _differs(ran: dict, scale: dict, keys: dict[str, str]) -> bool:
+    """Whether a stage's recorded settings `ran` differ from `scale`'s under `keys`."""
+    return any(ran[k] != scale[key] for k, key in keys.items())
+
+
+def set_aside_stale_training(wd: Path, scale: dict) -> None:
+    """A finished training with other settings than `scale`'s is moved to `train-<N>ep` (N its
+    epochs, its evaluation beside it), so the configuration trains afresh and nothing measured is lost."""
     done = wd / "train" / "train.json"
     if not done.exists():
         return
-    old = json.loads(done.read_text())["settings"]["epochs"]
-    if old == epochs:
+    ran = _settings_of(done)
+    if not _differs(ran, scale, TRAIN_SETTINGS):
         return
-    (wd / "train").rename(wd / f"train-{old}ep")
+    (wd / "train").rename(wd / f"train-{ran['epochs']}ep")
     if (wd / "final-eval.json").exists():
-        (wd / "final-eval.json").rename(wd / f"final-eval-{old}ep.json")
+        (wd / "final-eval.json").rename(wd / f"final-eval-{ran['epochs']}ep.json")
 
 
 def prepare_data(dataset: str, args: argparse.Namespace, scale: dict) -> tuple[Path, Path]:
@@ -172,6 +186,9 @@ def run_config(dataset: str, attack: str, mode: str, args: argparse.Namespace, *
             t0 = time.perf_counter()
             aabl("scan", p_train, "--epochs", scale["scan_epochs"], "--resume", *run, threads=args.threads)
             seconds["scan"] = time.perf_counter() - t0
+        elif _differs(_settings_of(wd / "scan" / "scan.json"), scale, SCAN_SETTINGS):  # split and training stand on it
+            raise SystemExit(f"{wd / 'scan'} ran with other settings than the {args.scale} scale's; remove {wd} "
+                             "(or pass another --work) to run this configuration again")
         if not (wd / "split" / "split.json").exists():
             aabl("split", "--workdir", wd, "--quiet", threads=args.threads)
         split = json.loads((wd / "split" / "split.json").read_text())
@@ -185,7 +202,7 @@ def run_config(dataset: str, attack: str, mode: str, args: argparse.Namespace, *
         train_data = wd / "split" / "kept"
     else:
         train_data = p_train
-    set_aside_stale_training(wd, scale["train_epochs"])
+    set_aside_stale_training(wd, scale)
     if not (wd / "train" / "train.json").exists():
         t0 = time.perf_counter()
         aabl("train", train_data, "--epochs", scale["train_epochs"], "--steps", scale["train_steps"],

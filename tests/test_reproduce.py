@@ -1,5 +1,6 @@
 """benchmarks/reproduce.py: finished configurations are skipped and its tables say what was measured."""
 
+import argparse
 import importlib.util
 import json
 import sys
@@ -22,9 +23,9 @@ def reproduce(tmp_path, monkeypatch):
 
 def _result(dataset, attack, mode, **numbers):
     row = {"dataset": dataset, "attack": attack, "mode": mode, "category": "A", "arch": "cnn", "scan_epochs": 20,
-           "train_epochs": 20, "train_steps": 5, "train_batch": 64, "seed": "0", "device": "CPU (x86_64, 2 cores)",
-           "torch": "2.x", "seconds": {"train": 1200.0}, "acc": 0.5, "ra": 0.25, "asr": 0.03, "target_rate": 0.02,
-           "finished": True}
+           "train_epochs": 20, "train_steps": 5, "train_batch": 64, "train_lr": 0.02, "seed": "0",
+           "device": "CPU (x86_64, 2 cores)", "torch": "2.x", "seconds": {"train": 1200.0}, "acc": 0.5, "ra": 0.25,
+           "asr": 0.03, "target_rate": 0.02, "finished": True}
     if mode == "aabl":
         row.update(gamma=0.8, rho_vul=0.0125, recall=0.9, verdict="backdoor suspected", naive_acc=0.6,
                    naive_asr=0.95, naive_target_rate=0.1)
@@ -161,11 +162,39 @@ def test_a_result_from_other_settings_is_marked_and_trained_again(reproduce, tmp
 def test_a_stale_training_is_set_aside_with_its_evaluation(reproduce, tmp_path):
     wd = tmp_path / "aabl"
     (wd / "train").mkdir(parents=True)
-    (wd / "train" / "train.json").write_text(json.dumps({"settings": {"epochs": 20}}))
+    cifar = reproduce.settings("cpu", "cifar10")
+    ran = {"arch": "cnn", "epochs": 20, "steps": 5, "batch_size": 64, "lr": 0.02, "seed": 0}
+    (wd / "train" / "train.json").write_text(json.dumps({"settings": ran}))
     (wd / "final-eval.json").write_text("{}")
-    reproduce.set_aside_stale_training(wd, 20)  # same epochs: kept
+    reproduce.set_aside_stale_training(wd, cifar)  # the same settings: kept
     assert (wd / "train" / "train.json").exists() and (wd / "final-eval.json").exists()
-    reproduce.set_aside_stale_training(wd, 40)
+    reproduce.set_aside_stale_training(wd, reproduce.settings("cpu", "gtsrb"))  # 40 epochs there
     assert not (wd / "train").exists() and not (wd / "final-eval.json").exists()
     assert json.loads((wd / "train-20ep" / "train.json").read_text())["settings"]["epochs"] == 20
     assert (wd / "final-eval-20ep.json").exists()
+
+
+def test_a_training_with_another_learning_rate_is_set_aside_too(reproduce, tmp_path):
+    wd = tmp_path / "aabl"
+    (wd / "train").mkdir(parents=True)
+    ran = {"arch": "cnn", "epochs": 20, "steps": 5, "batch_size": 64, "lr": 0.05}
+    (wd / "train" / "train.json").write_text(json.dumps({"settings": ran}))
+    reproduce.set_aside_stale_training(wd, reproduce.settings("cpu", "cifar10"))  # lr 0.02 there
+    assert not (wd / "train").exists() and (wd / "train-20ep" / "train.json").exists()
+
+
+def test_a_scan_from_other_settings_stops_the_configuration(reproduce, tmp_path, monkeypatch):
+    """The split and the training stand on the scan, so a scan with another epoch count is not reused
+    under the new settings' name: the run stops and says what to remove."""
+    from PIL import Image
+
+    (tmp_path / "data" / "a").mkdir(parents=True)
+    Image.new("RGB", (8, 8)).save(tmp_path / "data" / "a" / "0.png")
+    monkeypatch.setattr(reproduce, "prepare_data", lambda dataset, args, scale: (tmp_path / "data", tmp_path / "data"))
+    monkeypatch.setattr(reproduce, "poison", lambda attack, train, test, base, args: (tmp_path / "data", None))
+    wd = tmp_path / "work" / "cpu" / "cifar10" / "badnets" / "aabl"
+    (wd / "scan").mkdir(parents=True)
+    (wd / "scan" / "scan.json").write_text(json.dumps({"settings": {"arch": "cnn", "epochs": 10}}))
+    args = argparse.Namespace(scale="cpu", work=tmp_path / "work", seed="0", device="cpu", threads=1)
+    with pytest.raises(SystemExit, match="ran with other settings than the cpu scale's; remove"):
+        reproduce.run_config("cifar10", "badnets", "aabl", args)
