@@ -43,8 +43,8 @@ def test_round_trip_gives_identical_outputs_and_metadata(tmp_path):
     loaded, meta = load_model(path, arch="cnn", classes=CLASSES)
     assert not loaded.training
     x = torch.rand(5, 3, 16, 16, generator=torch.Generator().manual_seed(3))
-    with torch.no_grad():
-        assert torch.equal(model(x), loaded(x))
+    with torch.no_grad():  # weights equal bit for bit; outputs to float noise (kernels may differ per layout)
+        torch.testing.assert_close(loaded(x), model(x), rtol=1e-5, atol=1e-6)
     for key, value in model.state_dict().items():
         assert torch.equal(value, loaded.state_dict()[key]), key
     assert meta["arch"] == "cnn" and meta["classes"] == CLASSES and meta["num_classes"] == 3

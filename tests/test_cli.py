@@ -317,9 +317,18 @@ def test_scan_with_model_skips_training_and_gives_the_same_scores(chain, tmp_pat
     summary = json.loads(result.stdout)
     assert summary["settings"]["epochs"] == 0 and summary["settings"]["arch"] == "cnn"
     assert summary["samples"] == 42
-    first = _rows(chain["out"] / "scan" / "scores.csv")
-    second = _rows(tmp_path / "w" / "scan" / "scores.csv")
-    assert second == first
+    header, first = _rows(chain["out"] / "scan" / "scores.csv")
+    header_again, second = _rows(tmp_path / "w" / "scan" / "scores.csv")
+    assert header_again == header and len(second) == len(first) == 42
+    # The trained model in memory and the one reloaded from disk may run other CPU kernels (oneDNN
+    # picks them per machine): the scores agree to float noise, not bit for bit.
+    numeric = {"score", "ce_adv", "loss_clean"}
+    for row, again in zip(first, second):
+        for name, value, value_again in zip(header, row, again):
+            if name in numeric:
+                assert float(value_again) == pytest.approx(float(value), rel=1e-4, abs=1e-5), name
+            else:
+                assert value_again == value, name
 
 
 def test_scan_with_a_checkpoint_for_other_classes_exits_2(chain, tmp_path):
