@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import uuid
 from pathlib import Path
 from typing import Any
@@ -58,8 +59,26 @@ def _save(path: Path, tensors: dict[str, torch.Tensor], meta: dict[str, str]) ->
     try:
         save_file(tensors, str(tmp), metadata=meta)
         os.replace(tmp, path)
+    except SafetensorError as err:
+        fault = _os_error(err, path)
+        if fault is None:
+            raise
+        raise fault from err
     finally:
         tmp.unlink(missing_ok=True)
+
+
+_OS_ERROR = re.compile(r"\(os error (\d+)\)")
+
+
+def _os_error(err: SafetensorError, path: Path) -> OSError | None:
+    """The OSError inside safetensors' "I/O error: No space left on device (os error 28)", naming `path`,
+    so that the command names the fault and its fix (free some space) instead of a SafetensorError."""
+    match = _OS_ERROR.search(str(err))
+    if match is None:
+        return None
+    code = int(match.group(1))
+    return OSError(code, os.strerror(code), str(path))
 
 
 def read_metadata(path: Path) -> dict[str, str]:
@@ -120,7 +139,37 @@ def load_model(path: Path, *, device: torch.device | str = "cpu", arch: str | No
     except (SafetensorError, RuntimeError, ValueError) as err:
         raise AablError(f"{path}: the tensors do not match a {meta['arch']} model with {meta['num_classes']} "
                         f"classes ({str(err).splitlines()[0]}); the file is damaged or was edited") from err
-    return model.to(device).eval(), meta
+    _check_statistics(path, state)
+    model = model.to(device).eval()
+    _check_outputs(path, model, meta["image_size"])
+    return model, meta
+
+
+def _check_statistics(path: Path, state: dict[str, torch.Tensor]) -> None:
+    """Refuse finite tensors that still make every output NaN: the normalization divides by its std,
+    batch norm takes the square root of its running variance."""
+    std = state.get("normalize.std")
+    if std is not None and not bool((std > 0).all()):
+        raise AablError(f"{path}: normalize.std holds {std.flatten().tolist()}, but a standard deviation must be "
+                        "positive (every pixel is divided by it); the checkpoint is corrupt or was edited: use "
+                        "another one or train again")
+    for key, tensor in state.items():
+        if key.endswith("running_var") and bool((tensor < 0).any()):
+            raise AablError(f"{path}: {key} holds negative variances; the checkpoint is corrupt or was edited: use "
+                            "another one or train again")
+
+
+def _check_outputs(path: Path, model: nn.Module, image_size: list[int]) -> None:
+    """One forward pass on two fixed images (mid grey, a ramp) at the model's size: a checkpoint
+    whose logits are NaN or infinite would be scored, evaluated and reported as if it worked."""
+    height, width = image_size
+    device = next(model.parameters()).device
+    ramp = torch.linspace(0, 1, 3 * height * width, device=device).view(1, 3, height, width)
+    with torch.no_grad():
+        logits = model(torch.cat([torch.full_like(ramp, 0.5), ramp]))
+    if not bool(torch.isfinite(logits).all()):
+        raise AablError(f"{path}: the checkpoint produces non-finite outputs (NaN/inf) on a plain test image; it "
+                        "is corrupt or was saved from a diverged run: use another checkpoint or train again")
 
 
 def _check_tensors(model: nn.Module, state: dict[str, torch.Tensor]) -> None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import errno
-import json
 import sys
 import traceback
 import warnings
@@ -19,6 +18,7 @@ from aabl_cli.options import (
     ATTACK_CHOICES,
     BUDGET,
     SHARE,
+    FiniteFloat,
     check_run_options,
     common_options,
     emit,
@@ -26,6 +26,7 @@ from aabl_cli.options import (
     scaled_lr,
     training_options,
 )
+from aabl_cli.text import json_text, printable
 
 # Environment faults the user can fix wherever they strike (exit 1): what to do about each.
 _WRITABLE = "fix its permissions or choose a writable --workdir / --out"
@@ -47,27 +48,30 @@ class AablGroup(click.Group):
             self._fail(ctx, f"gate failed: {err}", GateFailed.exit_code)
         except KeyboardInterrupt:
             self._fail(ctx, "interrupted: outputs were left as they were before this command", 130)
-        except (click.exceptions.Exit, click.ClickException, click.exceptions.Abort):
+        except click.ClickException as err:  # usage errors: click prints them, after we escape them
+            err.message = printable(err.message)
+            raise
+        except (click.exceptions.Exit, click.exceptions.Abort):
             raise
         except Exception as err:  # noqa: BLE001 - the last line of defence for a CLI
-            if ctx.obj and ctx.obj.get("debug"):
-                raise
             fix = ENVIRONMENT_FIXES.get(err.errno) if isinstance(err, OSError) else None
             if fix is not None:
                 where = f" ({err.filename})" if err.filename else ""
                 self._fail(ctx, f"error: {err.strerror}{where}; {fix}", 1)
-            self._fail(ctx, f"error: {type(err).__name__}: {err} (run with --debug for the traceback)", 1)
+            hint = "" if ctx.obj and ctx.obj.get("debug") else " (run with --debug for the traceback)"
+            self._fail(ctx, f"error: {type(err).__name__}: {err}{hint}", 1)
 
     @staticmethod
     def _fail(ctx: click.Context, message: str, code: int) -> None:
+        """One line on stderr, its control characters escaped: a message may quote a file name."""
         if ctx.obj and ctx.obj.get("debug"):
-            traceback.print_exc()
-        click.echo(message, err=True)
+            click.echo(printable(traceback.format_exc().rstrip("\n"), multiline=True), err=True)
+        click.echo(printable(message), err=True)
         ctx.exit(code)
 
 
 def _show_warning(message: Warning | str, category: type[Warning], *args: Any, **kwargs: Any) -> None:
-    click.echo(f"warning: {message}", err=True)
+    click.echo(printable(f"warning: {message}"), err=True)
 
 
 @click.group(cls=AablGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -100,16 +104,16 @@ def cli(ctx: click.Context, debug: bool) -> None:
 @training_options("resnet18")
 @click.option("--epochs", type=click.IntRange(0), default=20, show_default=True,
               help="Naive training epochs (Adam, no weight decay, crop+flip).")
-@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=1e-3, show_default=True,
+@click.option("--lr", type=FiniteFloat(min=0, min_open=True), default=1e-3, show_default=True,
               help="Adam learning rate.")
 @click.option("--eps", type=BUDGET, default="2/255", show_default=True,
               help="iFGSM scoring budget in [0, 1] pixel units. The paper uses 2/255 for 32-px CIFAR-10 and "
                    "GTSRB and 1/255 for 64-px Tiny-ImageNet.")
 @click.option("--step-size", type=BUDGET, default="2/255", show_default=True, help="iFGSM step size.")
 @click.option("--steps", type=click.IntRange(1), default=5, show_default=True, help="iFGSM steps.")
-@click.option("--alpha", type=click.FloatRange(min=0), default=0.1, show_default=True,
+@click.option("--alpha", type=FiniteFloat(min=0), default=0.1, show_default=True,
               help="SCE weight of cross-entropy.")
-@click.option("--beta", type=click.FloatRange(min=0), default=1.0, show_default=True,
+@click.option("--beta", type=FiniteFloat(min=0), default=1.0, show_default=True,
               help="SCE weight of reverse cross-entropy.")
 @click.option("--model", "model_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Score with this checkpoint (model.safetensors) instead of training a naive model.")
@@ -140,7 +144,7 @@ def scan(data: Path, model_path: Path | None, as_json: bool, **options: Any) -> 
               help="otsu: Otsu's threshold; quantile: isolate the --fraction lowest scores; "
                    "fixed: isolate scores below --threshold.")
 @click.option("--fraction", type=SHARE, default=None, help="With --method quantile: the share to isolate.")
-@click.option("--threshold", type=float, default=None, help="With --method fixed: isolate scores below this.")
+@click.option("--threshold", type=FiniteFloat(), default=None, help="With --method fixed: isolate scores below this.")
 @click.option("--min-isolated", type=SHARE, default="0.10", show_default=True,
               help="Otsu only: isolate at least this share (the paper's Table 1 implies 10 %; 0 = pure Otsu).")
 @click.option("--link", type=click.Choice(["copy", "hardlink", "symlink", "none"]), default="copy",
@@ -179,11 +183,11 @@ def split(as_json: bool, quiet: bool, **options: Any) -> None:
 @click.option("--adv-method", type=click.Choice(["pgd", "fgsm-rs"]), default="pgd", show_default=True,
               help="pgd: the paper's PGD training. fgsm-rs: one FGSM step of 1.25 x eps from a random start "
                    "(Wong et al. 2020), about 5x cheaper per batch than PGD-10; ignores --steps and --step-size.")
-@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=0.1, show_default=True,
+@click.option("--lr", type=FiniteFloat(min=0, min_open=True), default=0.1, show_default=True,
               help="SGD learning rate. Left at its default it scales with the batch size (0.1 x "
                    "batch / 128, the linear scaling rule); given explicitly it is used as is.")
-@click.option("--momentum", type=click.FloatRange(0, 1), default=0.9, show_default=True, help="SGD momentum.")
-@click.option("--weight-decay", type=click.FloatRange(min=0), default=5e-4, show_default=True,
+@click.option("--momentum", type=FiniteFloat(0, 1), default=0.9, show_default=True, help="SGD momentum.")
+@click.option("--weight-decay", type=FiniteFloat(min=0), default=5e-4, show_default=True,
               help="SGD weight decay.")
 @click.option("--milestones", default=None,
               help="Epochs at which the learning rate drops x0.1, comma-separated.  [default: 50 %, 75 % and "
@@ -274,7 +278,7 @@ def poison(src: Path, as_json: bool, **options: Any) -> None:
     counts = summary["counts"]
     noise = f" (+{counts['noise']} noise images that keep their label)" if counts["noise"] else ""
     text = (f"wrote {options['out']}/: {counts['poisoned']} of {counts['written']} images poisoned with "
-            f"{options['attack']} -> class {summary['target']} ({summary['target_name']}){noise}")
+            f"{options['attack']} -> class {summary['target']} ({printable(summary['target_name'])}){noise}")
     emit(summary, as_json, text)
 
 
@@ -304,21 +308,22 @@ def evaluate(model: Path, test: Path, eps: float, step_size: float, steps: int, 
     from aabl_cli.distributed import launched_as_main
     from aabl_cli.evaluate import Threat
     from aabl_cli.evaluate import evaluate as run_evaluate
-    from aabl_cli.fsutil import inside, write_json
+    from aabl_cli.fsutil import Place, refuse_overlap, write_json
 
-    for folder in (test, options["poisoned"]):
-        if out is not None and folder is not None and inside(out, folder):
-            raise click.BadParameter(f"{out} is inside the input folder {folder}; choose an --out outside it",
-                                     param_hint="--out")
+    if out is not None:
+        poisoned = options["poisoned"]
+        refuse_overlap([Place(model, "MODEL"), Place(test, "the input folder"),
+                        None if poisoned is None else Place(poisoned, "the input folder")],
+                       replaces=[Place(out, "--out")], fix="choose an --out outside the inputs")
     result = run_evaluate(model, test, threat=Threat(eps=eps, step_size=step_size, steps=steps, restarts=restarts),
                           **options)
     if not launched_as_main():  # under torchrun rank 0 alone reports
         return
     if out is not None:
         write_json(out, result)
-    click.echo(json.dumps(result, indent=2))
+    click.echo(json_text(result, indent=2))
     for warning in result["warnings"]:
-        click.echo(f"warning: {warning}", err=True)
+        click.echo(printable(f"warning: {warning}"), err=True)
 
 
 @cli.command()
@@ -384,7 +389,7 @@ def demo(as_json: bool, **options: Any) -> None:
 @click.option("--compile", "compile_model", is_flag=True, help="torch.compile scan's and train's passes.")
 @click.option("--scan-epochs", type=click.IntRange(1), default=20, show_default=True,
               help="scan: naive training epochs (Adam).")
-@click.option("--scan-lr", type=click.FloatRange(min=0, min_open=True), default=1e-3, show_default=True,
+@click.option("--scan-lr", type=FiniteFloat(min=0, min_open=True), default=1e-3, show_default=True,
               help="scan: Adam learning rate.")
 @click.option("--scan-eps", type=BUDGET, default="2/255", show_default=True, help="scan: iFGSM scoring budget.")
 @click.option("--scan-step-size", type=BUDGET, default="2/255", show_default=True, help="scan: iFGSM step size.")
@@ -392,7 +397,7 @@ def demo(as_json: bool, **options: Any) -> None:
 @click.option("--method", type=click.Choice(["otsu", "quantile", "fixed"]), default="otsu", show_default=True,
               help="split: otsu, quantile (--fraction) or fixed (--threshold).")
 @click.option("--fraction", type=SHARE, default=None, help="split, --method quantile: the share to isolate.")
-@click.option("--threshold", type=float, default=None, help="split, --method fixed: isolate scores below this.")
+@click.option("--threshold", type=FiniteFloat(), default=None, help="split, --method fixed: isolate scores below this.")
 @click.option("--min-isolated", type=SHARE, default="0.10", show_default=True,
               help="split, Otsu: isolate at least this share.")
 @click.option("--link", type=click.Choice(["copy", "hardlink", "symlink"]), default="copy", show_default=True,
@@ -408,10 +413,10 @@ def demo(as_json: bool, **options: Any) -> None:
 @click.option("--train-steps", type=click.IntRange(1), default=10, show_default=True, help="train: PGD steps.")
 @click.option("--adv-method", type=click.Choice(["pgd", "fgsm-rs"]), default="pgd", show_default=True,
               help="train: pgd, or fgsm-rs (one FGSM step of 1.25 x eps from a random start).")
-@click.option("--train-lr", type=click.FloatRange(min=0, min_open=True), default=0.1, show_default=True,
+@click.option("--train-lr", type=FiniteFloat(min=0, min_open=True), default=0.1, show_default=True,
               help="train: SGD learning rate; left at its default it scales with the effective batch.")
-@click.option("--momentum", type=click.FloatRange(0, 1), default=0.9, show_default=True, help="train: SGD momentum.")
-@click.option("--weight-decay", type=click.FloatRange(min=0), default=5e-4, show_default=True,
+@click.option("--momentum", type=FiniteFloat(0, 1), default=0.9, show_default=True, help="train: SGD momentum.")
+@click.option("--weight-decay", type=FiniteFloat(min=0), default=5e-4, show_default=True,
               help="train: SGD weight decay.")
 @click.option("--milestones", default=None,
               help="train: epochs at which the learning rate drops x0.1.  [default: 50 %, 75 % and 90 %]")
@@ -432,7 +437,7 @@ def run(data: Path, as_json: bool, dry_run: bool, **o: Any) -> None:
     from aabl_cli.pipeline import run_pipeline
 
     o["train_lr"] = scaled_lr(o, "train_lr")
-    common = {k: o[k] for k in ("device", "seed", "cache_dir", "on_bad_file", "image_size")}
+    common = {k: o[k] for k in ("device", "seed", "cache_dir", "on_bad_file", "max_image_pixels", "image_size")}
     shared = {"arch": o["arch"], "batch_size": o["batch_size"], "seed": o["seed"], "compile_model": o["compile_model"]}
     scan_opts = {"epochs": o["scan_epochs"], "lr": o["scan_lr"], "eps": o["scan_eps"],
                  "step_size": o["scan_step_size"], "steps": o["scan_steps"], "resume": "auto", **shared}

@@ -2,8 +2,12 @@
 
 An image folder is torchvision's `ImageFolder` layout, `root/<class>/<file>`, classes
 sorted by name. It is decoded once into a `uint8 (N, 3, H, W)` tensor with `int64`
-labels and the files' relative paths, and cached in a memory-mappable file keyed by
-paths, sizes and mtimes, so a second run does not decode again.
+labels and the files' relative paths, and cached in a memory-mappable file keyed by the
+files' contents (sha256), so a second run does not decode again and a rewritten file is
+never served from the cache, whatever its size and mtime.
+
+Only the documented formats are decoded (`PIL_FORMATS`), and an image is refused from its
+header when it holds more than `max_image_pixels` pixels, before its pixels are allocated.
 """
 
 from __future__ import annotations
@@ -12,16 +16,18 @@ import collections
 import contextlib
 import errno
 import hashlib
+import io
 import json
 import os
 import shutil
 import stat
 import sys
 import warnings
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 import torch
@@ -32,11 +38,20 @@ from aabl_cli.fsutil import inside, safe_relative
 from aabl_cli.progress import progress
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".ppm", ".webp")
+# Pillow's names for those formats ("PPM" also reads PGM and PBM). Image.open tries these alone, so a
+# PostScript or other file named .png never reaches Ghostscript or another decoder outside Pillow.
+PIL_FORMATS = ("PNG", "JPEG", "BMP", "PPM", "WEBP")
+FORMATS_READ = "PNG, JPEG, BMP, PPM/PGM/PBM and WebP"
 LINK_MODES = ("copy", "hardlink", "symlink", "none")
 
-# Refuse absurd images before PIL allocates them (a 1-GB decompression bomb is input too).
+# Pixels per image decoded at most, checked from the header before decoding: 40 M pixels is a
+# 7,300 x 5,500 photo (120 MB as RGB); a 48-KB PNG can claim 400 M pixels (1.2 GB and more decoded).
+DEFAULT_MAX_IMAGE_PIXELS = 40_000_000
+# The largest image size a checkpoint may record (evaluate resizes test images to it).
 MAX_IMAGE_PIXELS = 16384 * 16384
-Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS
+# open_image's own check replaces Pillow's, whose warning does not name the file.
+Image.MAX_IMAGE_PIXELS = None
+CHUNK = 256  # files read per thread-pool task at most
 MIN_SIDE = 16  # px: the smallest input every --arch takes (the small CNN pools three times)
 
 
@@ -161,18 +176,46 @@ def _is_ancestor_loop(path: Path, real: str) -> bool:
     return False
 
 
-def decode_image(path: str | os.PathLike[str], size: tuple[int, int] | None = None) -> np.ndarray:
-    """Decode one file to an RGB uint8 array (H, W, 3), resized (bilinear) to `size` if given.
+def open_image(path: str | os.PathLike[str], *, max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
+               data: bytes | None = None) -> Image.Image:
+    """Open an image file of a documented format, reading its header alone; every read of a
+    user's image goes through here. Use it as `with open_image(path) as img:`.
 
-    Raises AablError naming the file when it is not a readable image.
+    Pillow tries only `PIL_FORMATS`; an image of more than `max_image_pixels` pixels is refused
+    before anything allocates its pixels. `data`: the file's bytes when the caller has read
+    them (`path` then only names the file). Raises AablError naming the file.
     """
     try:
-        with Image.open(path) as img:
+        img = Image.open(path if data is None else io.BytesIO(data), formats=PIL_FORMATS)
+    except UnidentifiedImageError as err:
+        raise AablError(f"{path}: not a readable image (aabl reads {FORMATS_READ}); remove or replace it, "
+                        "or pass --on-bad-file skip") from err
+    except (OSError, SyntaxError, ValueError) as err:
+        raise AablError(f"{path}: unreadable ({err}); remove or replace it, or pass --on-bad-file skip") from err
+    width, height = img.size
+    if width * height > max_image_pixels:
+        img.close()
+        raise AablError(f"{path}: {width}x{height} px is {width * height} pixels, more than the cap of "
+                        f"{max_image_pixels} pixels per image, so it was not decoded (a decompression bomb?); "
+                        f"pass --max-image-pixels {width * height} to read it, remove it, "
+                        "or pass --on-bad-file skip")
+    return img
+
+
+def decode_image(path: str | os.PathLike[str], size: tuple[int, int] | None = None, *,
+                 max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS, data: bytes | None = None) -> np.ndarray:
+    """Decode one file to an RGB uint8 array (H, W, 3), resized (bilinear) to `size` if given.
+
+    `data`: the file's bytes when already read (see `open_image`). Raises AablError naming the
+    file when it is not a readable image of a documented format or holds more than
+    `max_image_pixels` pixels.
+    """
+    with open_image(path, max_image_pixels=max_image_pixels, data=data) as img:
+        try:
             img.load()
             rgb = _to_rgb(img)
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
-        reason = "not a readable image" if isinstance(err, UnidentifiedImageError) else f"unreadable ({err})"
-        raise AablError(f"{path}: {reason}; remove or replace it, or pass --on-bad-file skip") from err
+        except (OSError, SyntaxError, ValueError) as err:
+            raise AablError(f"{path}: unreadable ({err}); remove or replace it, or pass --on-bad-file skip") from err
     if size is not None and (rgb.height, rgb.width) != tuple(size):
         rgb = rgb.resize((size[1], size[0]), Image.BILINEAR)
     return np.asarray(rgb, dtype=np.uint8)
@@ -191,12 +234,13 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
-def _image_size(path: Path) -> tuple[int, int] | None:
+def _image_size(path: Path, max_image_pixels: int) -> tuple[int, int] | AablError:
+    """(H, W) from the header, or why the file will not be decoded."""
     try:
-        with Image.open(path) as img:
+        with open_image(path, max_image_pixels=max_image_pixels) as img:
             return img.height, img.width
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError):
-        return None
+    except AablError as err:
+        return err
 
 
 def dataset_fingerprint(root: Path, paths: Iterable[str]) -> str:
@@ -204,18 +248,68 @@ def dataset_fingerprint(root: Path, paths: Iterable[str]) -> str:
 
     Raises OSError for a path that is not a regular file: a pipe or /dev/zero never ends.
     """
+    paths = list(paths)
+    return _combine(paths, [_file_digest(root / rel) for rel in paths])
+
+
+def _combine(paths: Sequence[str], digests: Sequence[bytes]) -> str:
+    """The dataset fingerprint from each file's sha256 digest."""
     digest = hashlib.sha256()
-    for rel in paths:
+    for rel, file_digest in zip(paths, digests, strict=True):
         digest.update(rel.encode("utf-8", "surrogateescape") + b"\0")
-        path = root / rel
-        if not stat.S_ISREG(os.stat(path).st_mode):  # checked before open(): opening a pipe blocks
-            raise OSError(errno.EINVAL, "not a regular file", str(path))
-        file_digest = hashlib.sha256()
-        with open(path, "rb") as fh:
-            while block := fh.read(1 << 20):
-                file_digest.update(block)
-        digest.update(file_digest.digest())
+        digest.update(file_digest)
     return digest.hexdigest()
+
+
+def _blocks(path: Path) -> Iterator[bytes]:
+    """The bytes of the regular file `path` in blocks; OSError for anything else (a pipe or
+    /dev/zero never ends). Plain file descriptors: a buffered file object costs more than
+    reading a 2-KB image does. O_NONBLOCK: opening a pipe would wait for a writer."""
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0))
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(errno.EINVAL, "not a regular file", str(path))
+        while block := os.read(fd, 1 << 20):
+            yield block
+    finally:
+        os.close(fd)
+
+
+def _file_digest(path: Path) -> bytes:
+    file_digest = hashlib.sha256()
+    for block in _blocks(path):
+        file_digest.update(block)
+    return file_digest.digest()
+
+
+def _digests(root: Path, listing: FolderListing, *, quiet: bool) -> list[bytes | None]:
+    """Each file's sha256, None for a file that cannot be read (decoding then names it)."""
+    def digest(rel: str) -> bytes | None:
+        try:
+            return _file_digest(root / rel)
+        except OSError:
+            return None
+
+    return _map_files(digest, [rel for rel, _ in listing.files], desc="hashing", quiet=quiet)
+
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+def _map_files(func: Callable[[T], R], items: Sequence[T], *, desc: str, quiet: bool) -> list[R]:
+    """`[func(x) for x in items]` on a thread pool, in order, in chunks: the pool's cost per task is
+    many times that of reading one small image. Fewer per chunk for few items, so that a few
+    big photos still spread over the threads."""
+    workers = _workers()
+    chunk = max(1, min(CHUNK, len(items) // (8 * workers)))
+    pool = ThreadPoolExecutor(max_workers=workers)
+    try:
+        parts = pool.map(lambda start: [func(x) for x in items[start:start + chunk]], range(0, len(items), chunk))
+        return list(progress((r for part in parts for r in part), total=len(items), desc=desc, unit="img",
+                             quiet=quiet))
+    finally:  # an error (a bad file) is reported now, not after the chunks still queued have run
+        pool.shutdown(cancel_futures=True)
 
 
 def default_cache_dir() -> Path:
@@ -228,17 +322,20 @@ def load_image_folder(
     *,
     image_size: int | tuple[int, int] | None = None,
     on_bad_file: str = "error",
+    max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
     cache_dir: str | os.PathLike[str] | None = None,
     min_classes: int = 2,
     warn_empty: bool = True,
     quiet: bool = False,
 ) -> ImageDataset:
-    """Decode an image folder into an `ImageDataset`, from the cache when nothing changed.
+    """Decode an image folder into an `ImageDataset`, from the cache when no file's bytes changed.
 
     `image_size`: N or (H, W) to resize to; default the most common size in the folder.
     `on_bad_file`: "error" stops at the first unreadable file, "skip" lists it in
-    `skipped`. `min_classes`: how many non-empty classes the caller needs; `warn_empty`:
-    warn about empty class folders (a triggered test set has only the target's).
+    `skipped`; a file over `max_image_pixels` pixels is such a file. `min_classes`: how many
+    non-empty classes the caller needs; `warn_empty`: warn about empty class folders (a
+    triggered test set has only the target's). Every file is read once for its sha256 (the
+    cache key and the fingerprint), and once more to be decoded when the cache misses.
     """
     listing = list_image_folder(root)
     root = listing.root
@@ -262,9 +359,9 @@ def load_image_folder(
         skipped += [{"path": rel, "reason": "cannot read"} for rel in unreadable]
         gone = set(unreadable)
         listing.files = [(rel, lab) for rel, lab in listing.files if rel not in gone]
-    stats = [_stat(root / rel) for rel, _ in listing.files]
     sizes = None if image_size is None else _as_hw(image_size)
-    key = _cache_key(root, listing, stats, sizes, on_bad_file)
+    settings = (sizes, on_bad_file, max_image_pixels)
+    key = _cache_key(root, listing, _digests(root, listing, quiet=quiet), settings)
     cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     cache_in_data = inside(cache, root)
     if cache_in_data:
@@ -277,8 +374,8 @@ def load_image_folder(
         return cached
 
     if sizes is None:
-        sizes = _most_common_size(root, listing, quiet=quiet)
-    images, keep, bad = _decode_all(root, listing, sizes, on_bad_file, quiet=quiet)
+        sizes = _most_common_size(root, listing, on_bad_file, max_image_pixels, quiet=quiet)
+    images, keep, bad, digests = _decode_all(root, listing, sizes, on_bad_file, max_image_pixels, quiet=quiet)
     paths = [rel for (rel, _), ok in zip(listing.files, keep) if ok]
     labels = torch.tensor([lab for (_, lab), ok in zip(listing.files, keep) if ok], dtype=torch.int64)
     dataset = ImageDataset(
@@ -287,11 +384,12 @@ def load_image_folder(
         labels=labels,
         paths=paths,
         classes=listing.classes,
-        fingerprint=dataset_fingerprint(root, paths),
+        fingerprint=_combine(paths, [d for d, ok in zip(digests, keep) if ok]),
         skipped=bad,
     )
     if not cache_in_data:  # never write below an input folder
-        _write_cache(cache, key, dataset)
+        # keyed by the bytes decoded, which differ from the ones looked up if a file changed meanwhile
+        _write_cache(cache, _cache_key(root, listing, digests, settings), dataset)
     dataset.skipped = skipped + bad
     _check_classes(dataset, min_classes)
     return dataset
@@ -318,64 +416,72 @@ def _as_hw(size: int | tuple[int, int]) -> tuple[int, int]:
     return (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
 
 
-def _stat(path: Path) -> tuple[int, int]:
-    try:
-        st = os.stat(path)
-    except OSError as err:
-        raise AablError(f"cannot read {path}: {err.strerror}; check the file or its link") from err
-    return st.st_size, st.st_mtime_ns
-
-
-def _most_common_size(root: Path, listing: FolderListing, *, quiet: bool) -> tuple[int, int]:
-    counts: collections.Counter[tuple[int, int]] = collections.Counter()
-    with ThreadPoolExecutor(max_workers=_workers()) as pool:
-        for size in pool.map(_image_size, (root / rel for rel, _ in listing.files)):
-            if size is not None:
-                counts[size] += 1
+def _most_common_size(root: Path, listing: FolderListing, on_bad_file: str, max_image_pixels: int, *,
+                      quiet: bool) -> tuple[int, int]:
+    sizes = _map_files(lambda rel: _image_size(root / rel, max_image_pixels), [rel for rel, _ in listing.files],
+                       desc="sizing", quiet=quiet)
+    counts = collections.Counter(size for size in sizes if isinstance(size, tuple))
     if not counts:
-        raise AablError(f"{root} holds no readable images; add images under {root}/<class>/")
+        errors = [err for err in sizes if isinstance(err, AablError)]
+        if not errors:
+            raise AablError(f"{root} holds no readable images; add images under {root}/<class>/")
+        if on_bad_file != "skip":  # the first file's own reason and fix
+            raise errors[0]
+        raise AablError(f"{root} holds no readable images: all {len(errors)} image files are bad, the first: "
+                        f"{errors[0]}")
     return counts.most_common(1)[0][0]
 
 
 def _decode_all(
-    root: Path, listing: FolderListing, size: tuple[int, int], on_bad_file: str, *, quiet: bool
-) -> tuple[np.ndarray, list[bool], list[dict[str, str]]]:
+    root: Path, listing: FolderListing, size: tuple[int, int], on_bad_file: str, max_image_pixels: int, *,
+    quiet: bool
+) -> tuple[np.ndarray, list[bool], list[dict[str, str]], list[bytes | None]]:
+    """The images, which were kept, the bad files, and the sha256 of the bytes each was decoded
+    from (None where the file could not be read)."""
     n = len(listing.files)
     out = np.empty((n, 3, size[0], size[1]), dtype=np.uint8)
     keep = [True] * n
     bad: list[dict[str, str]] = []
+    digests: list[bytes | None] = [None] * n
 
     def work(i: int) -> str | None:
-        rel = listing.files[i][0]
+        path = root / listing.files[i][0]
         try:
-            out[i] = decode_image(root / rel, size).transpose(2, 0, 1)
+            try:
+                data = b"".join(_blocks(path))
+            except OSError as err:
+                raise AablError(f"cannot read {path}: {err.strerror}; check its permissions, remove it, "
+                                "or pass --on-bad-file skip") from err
+            digests[i] = hashlib.sha256(data).digest()
+            out[i] = decode_image(path, size, max_image_pixels=max_image_pixels, data=data).transpose(2, 0, 1)
         except AablError as err:
             if on_bad_file != "skip":
                 raise
             return str(err).split(";")[0]
         return None
 
-    with ThreadPoolExecutor(max_workers=_workers()) as pool:
-        results = pool.map(work, range(n))
-        for i, reason in enumerate(progress(results, total=n, desc="decoding", unit="img", quiet=quiet)):
-            if reason is not None:
-                keep[i] = False
-                bad.append({"path": listing.files[i][0], "reason": reason})
+    for i, reason in enumerate(_map_files(work, range(n), desc="decoding", quiet=quiet)):
+        if reason is not None:
+            keep[i] = False
+            bad.append({"path": listing.files[i][0], "reason": reason})
     if not all(keep):
         out = out[np.asarray(keep)]
-    return out, keep, bad
+    return out, keep, bad, digests
 
 
 def _workers() -> int:
     return max(1, min(8, os.cpu_count() or 1))
 
 
-def _cache_key(root: Path, listing: FolderListing, stats: list[tuple[int, int]],
-               size: tuple[int, int] | None, on_bad_file: str) -> str:
+def _cache_key(root: Path, listing: FolderListing, digests: list[bytes | None],
+               settings: tuple[tuple[int, int] | None, str, int]) -> str:
+    """Keyed by every file's content, never by sizes and mtimes (`cp -p` or `rsync -t` keep both), and
+    by the settings that change what is decoded: size, on_bad_file and max_image_pixels."""
     digest = hashlib.sha256()
-    digest.update(f"v1|{os.path.realpath(root)}|{size}|{on_bad_file}|{listing.classes}".encode())
-    for (rel, label), (nbytes, mtime) in zip(listing.files, stats):
-        digest.update(f"{rel}|{label}|{nbytes}|{mtime}\n".encode("utf-8", "surrogateescape"))
+    digest.update(f"v2|{os.path.realpath(root)}|{settings}|{listing.classes}".encode())
+    for (rel, label), file_digest in zip(listing.files, digests, strict=True):
+        content = "unreadable" if file_digest is None else file_digest.hex()
+        digest.update(f"{rel}|{label}|{content}\n".encode("utf-8", "surrogateescape"))
     return digest.hexdigest()[:32]
 
 

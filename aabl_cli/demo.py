@@ -24,6 +24,7 @@ import torch
 from aabl_cli.backdoors.base import Built, Context, to_float, to_uint8
 from aabl_cli.evaluate import PAPER_RA, Threat, evaluate
 from aabl_cli.fsutil import atomic_output_dir, write_json
+from aabl_cli.lock import workdir_lock
 from aabl_cli.poison import ATTACKS, CSV_COLUMNS, select_noise, select_poisoned
 from aabl_cli.progress import log
 from aabl_cli.report import report
@@ -168,8 +169,12 @@ def _measure(model: Path, test: Path, triggered: dict[str, Path], **options: Any
 def run_demo(*, workdir: str | Path = "aabl-demo", quick: bool = False, seed: int = 0, device: str = "auto",
              quiet: bool = False) -> dict[str, Any]:
     """Run the demo in `workdir` (left for the user to look at); returns the results (also in demo.json)."""
+    with workdir_lock(workdir, "demo", "scan", "split", "train", quiet=quiet):  # one demo per work directory
+        return _run_demo(Path(workdir), quick=quick, seed=seed, device=device, quiet=quiet)
+
+
+def _run_demo(workdir: Path, *, quick: bool, seed: int, device: str, quiet: bool) -> dict[str, Any]:
     recipe = QUICK if quick else FULL
-    workdir = Path(workdir)
     data = workdir / "data"
     started = time.time()
     log(f"demo: generating {10 * recipe.train_per_class} training and {10 * recipe.test_per_class} test images "

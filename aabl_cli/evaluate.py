@@ -12,7 +12,7 @@ from torch import nn
 
 from aabl_cli import distributed
 from aabl_cli.checkpoint import load_model
-from aabl_cli.data import load_image_folder
+from aabl_cli.data import list_image_folder, load_image_folder
 from aabl_cli.device import autocast, make_generator, prepare_model, resolve_device
 from aabl_cli.errors import AablError
 from aabl_cli.fuse import AttackView
@@ -127,6 +127,8 @@ def evaluate(model: str | Path, test: str | Path, *, poisoned: str | Path | None
     """
     dev = distributed.setup(resolve_device(device))
     quiet = quiet or not distributed.is_main()
+    if poisoned is not None:
+        check_triggered_set(poisoned)
     net, meta = load_model(Path(model), device=dev)
     net = prepare_model(net, dev)
     started = time.time()
@@ -154,6 +156,19 @@ def evaluate(model: str | Path, test: str | Path, *, poisoned: str | Path | None
         result["distributed"] = distributed.describe(batch_size)
     result["seconds"] = time.time() - started
     return result
+
+
+def check_triggered_set(folder: str | Path) -> None:
+    """ASR counts the triggered images classified as the one target class, so `folder` must hold
+    images under one class folder only (the target's, as `aabl poison --test` writes it). A folder
+    with several labels, e.g. the clean test set, would report its accuracy as the ASR."""
+    listing = list_image_folder(folder)
+    filled = sorted({listing.classes[label] for _, label in listing.files})
+    if len(filled) > 1:
+        shown = ", ".join(repr(c) for c in filled[:5]) + (", ..." if len(filled) > 5 else "")
+        raise AablError(f"--poisoned {folder} holds images in {len(filled)} class folders ({shown}), but ASR needs "
+                        "one target class: pass the triggered set that `aabl poison --test` writes, which holds "
+                        "only triggered images, all under the target class's folder")
 
 
 def _target_rate(net: nn.Module, images: torch.Tensor, labels: torch.Tensor, p_labels: torch.Tensor,

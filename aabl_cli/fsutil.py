@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import json
+import glob
 import os
 import shutil
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from aabl_cli.errors import AablError, RuntimeFault
+from aabl_cli.text import json_text
 
 
 @contextlib.contextmanager
@@ -28,7 +30,8 @@ def atomic_output_dir(final: Path) -> Iterator[Path]:
     except OSError as err:
         raise RuntimeFault(f"cannot create output folder {parent}: {err.strerror}; "
                            "choose a writable --workdir or --out") from err
-    tmp = parent / f".{final.name}.tmp-{uuid.uuid4().hex[:8]}"
+    remove_stale_temporaries(final)
+    tmp = temporary_name(final, "tmp")
     try:
         tmp.mkdir()
     except OSError as err:
@@ -52,22 +55,24 @@ def replace_dir(tmp: Path, final: Path) -> None:
     if not final.exists():
         os.rename(tmp, final)
         return
-    old = final.parent / f".{final.name}.old-{uuid.uuid4().hex[:8]}"
+    old = temporary_name(final, "old")
     os.rename(final, old)
     os.rename(tmp, final)
     shutil.rmtree(old, ignore_errors=True)
 
 
 def write_json(path: Path, data: dict[str, Any]) -> None:
-    """Write `data` as indented JSON through a temporary file and a rename (creating the folder)."""
-    write_text(path, json.dumps(data, indent=2, sort_keys=False) + "\n")
+    """Write `data` as indented JSON through a temporary file and a rename (creating the folder).
+    NaN and infinities become null (`text.json_text`): JSON has no such numbers."""
+    write_text(path, json_text(data, indent=2, sort_keys=False) + "\n")
 
 
 def write_text(path: Path, text: str) -> None:
     """Write UTF-8 `text` through a temporary file and a rename (creating the folder)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
+    remove_stale_temporaries(path)
+    tmp = temporary_name(path, "tmp")
     try:
         tmp.write_text(text, encoding="utf-8")
         os.replace(tmp, path)
@@ -81,17 +86,98 @@ def inside(path: str | os.PathLike[str], folder: str | os.PathLike[str]) -> bool
     return path_real == folder_real or folder_real in path_real.parents
 
 
-def refuse_overlap(inputs: list[Path], *, workdir: Path, outputs: list[Path]) -> None:
-    """Refuse a work directory inside an input folder, or an output folder that holds one: writing
-    there would modify the input, and promoting the output would delete it."""
-    for data in inputs:
-        if inside(workdir, data):
-            raise AablError(f"--workdir {workdir} is inside the data folder {data}; choose a --workdir outside it "
-                            "(aabl never writes into its input)")
-        for out in outputs:
-            if inside(data, out):
-                raise AablError(f"writing {out} would replace the data folder {data} inside it; move the data or "
-                                "choose another --workdir")
+# Why an output may not hold the scanned data: the usual way to run into it.
+SECOND_ROUND = ("a second cleaning round of WORKDIR/split/kept needs a work directory of its own, "
+                "e.g. --workdir aabl-out-2")
+
+
+@dataclass(frozen=True)
+class Place:
+    """A path a command reads or writes, and how its messages name it ("the data folder", "--out")."""
+
+    path: Path
+    what: str
+
+
+def refuse_overlap(reads: Sequence[Place | None], *, replaces: Sequence[Place] = (),
+                   writes_into: Sequence[Place] = (), fix: str) -> None:
+    """Refuse a command whose outputs touch its inputs, before anything is written.
+
+    `reads`: every folder and file the run reads (None entries are skipped), including those
+    named indirectly (the dataset a scan.json records, a split's kept/). `replaces`: folders
+    and files the run replaces whole (its outputs, resume folders). `writes_into`: folders it
+    only adds files to (the work directory: lock files, temporaries). Writing inside an input
+    would modify it; replacing a folder that holds an input would delete it. Links and `..`
+    are resolved first. Raises AablError whose message ends with `fix`.
+    """
+    inputs = [place for place in reads if place is not None]
+    for out in writes_into:
+        for source in inputs:
+            if inside(out.path, source.path):
+                raise AablError(_inside_message(out, source, fix))
+    for out in replaces:
+        for source in inputs:
+            if inside(source.path, out.path):
+                same = Path(source.path).resolve() == Path(out.path).resolve()
+                holds = f"is {source.what} itself" if same else f"contains {source.what} {source.path}"
+                raise AablError(f"{out.what} {out.path} {holds}, and writing it would replace {source.what}; {fix}")
+            if inside(out.path, source.path):
+                raise AablError(_inside_message(out, source, fix))
+
+
+def stage_outputs(workdir: Path, *stages: str, note: str = "") -> list[Place]:
+    """The folders that writing `stages` of `workdir` replaces: each stage's output and resume folder.
+    `note` is added to their names in messages (e.g. " (written next)")."""
+    places = [Place(Path(workdir) / stage, f"the {stage} output{note}") for stage in stages]
+    return places + [Place(Path(workdir) / f".{stage}.partial", f"the {stage} resume folder{note}")
+                     for stage in stages if stage in ("scan", "train")]
+
+
+def _inside_message(out: Place, source: Place, fix: str) -> str:
+    return f"{out.what} {out.path} is inside {source.what} {source.path}; {fix} (aabl never writes into its input)"
+
+
+def temporary_name(final: Path, kind: str) -> Path:
+    """A hidden sibling of `final` for work in progress: `.NAME.KIND-PID-HEX`. The PID tells a later
+    run whether the process that made it still runs (`remove_stale_temporaries`)."""
+    final = Path(final)
+    return final.with_name(f".{final.name}.{kind}-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+
+
+def remove_stale_temporaries(final: Path, *, locked: bool = False) -> list[Path]:
+    """Delete the temporaries (`.NAME.tmp-*`, `.NAME.old-*`) that killed runs left beside `final`.
+
+    One counts as stale when the PID in its name no longer runs, or when its name holds no PID
+    (an older aabl's); with `locked` (the caller holds the lock of `final`'s writers, so no other
+    process can be writing one) every one not of this process. Returns what was removed.
+    """
+    final = Path(final)
+    removed = []
+    for kind in ("tmp", "old"):
+        for path in final.parent.glob(f".{glob.escape(final.name)}.{kind}-*"):
+            pid_text = path.name[len(final.name) + len(kind) + 3:].partition("-")[0]
+            if pid_text.isdigit() and (int(pid_text) == os.getpid() or (not locked and pid_alive(int(pid_text)))):
+                continue
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                with contextlib.suppress(OSError):
+                    path.unlink()
+            removed.append(path)
+    return removed
+
+
+def pid_alive(pid: int) -> bool:
+    """True when a process `pid` exists on this machine (it may belong to another user)."""
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def safe_relative(rel: str) -> Path:

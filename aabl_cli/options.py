@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import json
+import math
 import re
 from collections.abc import Callable
 from fractions import Fraction
@@ -10,6 +10,8 @@ from pathlib import Path
 from typing import Any
 
 import click
+
+from aabl_cli.text import json_text, printable
 
 ARCH_CHOICES = ("cnn", "resnet18", "resnet34", "vgg16", "mobilenetv2", "densenet121")
 # poison.ATTACKS' keys, spelled out so that `--help` need not import torch
@@ -66,6 +68,22 @@ class ShareType(click.ParamType):
         return float(number)
 
 
+class FiniteFloat(click.FloatRange):
+    """A finite number, within optional bounds. click's FloatRange takes `nan` (every comparison
+    with it is false, so no bound refuses it) and `inf` or `1e999`; no option of aabl means either."""
+
+    name = "float"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        number = super().convert(value, param, ctx)
+        if not math.isfinite(number):
+            self.fail(f"{value!r} is not a finite number; give an ordinary number such as 0.5 or 1e-3", param, ctx)
+        return number
+
+    def _describe_range(self) -> str:  # no "[x<=None]" in --help for an unbounded number
+        return "" if self.min is None and self.max is None else super()._describe_range()
+
+
 BUDGET = Budget()
 SHARE = ShareType()
 
@@ -83,6 +101,10 @@ def common_options(func: Callable[..., Any]) -> Callable[..., Any]:
                      help="Where decoded datasets are cached.  [default: $XDG_CACHE_HOME/aabl]"),
         click.option("--on-bad-file", type=click.Choice(["error", "skip"]), default="error", show_default=True,
                      help="error stops at an unreadable image; skip leaves it out and lists it in the summary."),
+        click.option("--max-image-pixels", type=click.IntRange(1), default=40_000_000, show_default=True,
+                     help="Largest image read, in pixels (width x height), checked from the file's header before "
+                          "decoding: a small file can claim gigabytes of pixels (a decompression bomb). A larger "
+                          "image counts as a bad file (see --on-bad-file)."),
         click.option("--quiet", is_flag=True, help="No progress bars or log lines."),
         click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON on stdout."),
     ]
@@ -114,14 +136,16 @@ def training_options(default_arch: str) -> Callable[[Callable[..., Any]], Callab
 
 
 def emit(summary: dict[str, Any], as_json: bool, text: str) -> None:
+    """Print a command's summary on stdout: as JSON (non-finite numbers as null, every control
+    character escaped) or as `text` with control characters escaped (`text.printable`)."""
     from aabl_cli.distributed import launched_as_main
 
     if not launched_as_main():  # under torchrun rank 0 alone reports
         return
     if as_json:
-        click.echo(json.dumps(summary, indent=2, default=str))
+        click.echo(json_text(summary, indent=2, default=str))
     else:
-        click.echo(text)
+        click.echo(printable(text, multiline=True))
 
 
 def check_run_options(o: dict[str, Any]) -> None:

@@ -9,9 +9,12 @@ after it redo too.
 
 from __future__ import annotations
 
+import collections
+import inspect
 import json
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,18 +22,26 @@ from typing import Any
 import torch
 
 from aabl_cli import distributed
-from aabl_cli.data import dataset_fingerprint, list_image_folder, load_image_folder
+from aabl_cli.data import (
+    DEFAULT_MAX_IMAGE_PIXELS,
+    dataset_fingerprint,
+    list_image_folder,
+    load_image_folder,
+    open_image,
+)
 from aabl_cli.device import resolve_device
 from aabl_cli.errors import AablError
+from aabl_cli.fsutil import SECOND_ROUND, Place, refuse_overlap, stage_outputs
+from aabl_cli.lock import workdir_lock
 from aabl_cli.progress import log
 from aabl_cli.train import default_milestones
 
 STAGES = ("scan", "split", "train")
-# settings a stage's JSON records that decide whether an earlier run can be reused
-SCAN_KEYS = ("arch", "epochs", "lr", "batch_size", "eps", "step_size", "steps", "alpha", "beta", "seed", "compile")
-SPLIT_KEYS = ("method", "fraction", "threshold", "min_isolated", "link")
-TRAIN_KEYS = ("arch", "epochs", "adv_method", "eps", "step_size", "steps", "lr", "momentum", "weight_decay",
-              "batch_size", "milestones", "seed", "compile")
+# Every setting a stage's JSON records is compared with the one this run would record, so any
+# that changes an output redoes the stage; a recorded setting this run cannot reproduce counts as
+# changed. Not compared: split's CI gates, which change no output (run re-reads them), and of the
+# process layout all but the world size (the backend changes no result).
+NOT_COMPARED = ("fail_over", "fail_on_suspect")
 KEPT_SHARE = 0.9  # what the time estimate assumes the split keeps
 
 
@@ -67,6 +78,8 @@ def _human(seconds: float) -> str:
 
 
 def _same(recorded: Any, wanted: Any) -> bool:
+    if isinstance(wanted, dict):  # the keys `wanted` names; the record may hold more
+        return isinstance(recorded, dict) and all(_same(recorded.get(k), v) for k, v in wanted.items())
     if isinstance(wanted, float) or isinstance(recorded, float):
         try:
             return math.isclose(float(recorded), float(wanted), rel_tol=1e-9, abs_tol=1e-12)
@@ -83,8 +96,13 @@ def _finished(path: Path, wanted: dict[str, Any], fingerprint: str | None) -> st
         recorded = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError):
         return f"to redo ({path.name} is unreadable)"
-    settings = recorded.get("settings", {})
-    changed = [k for k, v in wanted.items() if not _same(settings.get(k), v)]
+    settings = recorded.get("settings") if isinstance(recorded, dict) else None
+    if not isinstance(settings, dict):
+        return f"to redo ({path.name} records no settings)"
+    keys = [k for k in settings if k not in NOT_COMPARED] + [k for k in wanted if k not in settings]
+    changed = [k for k in keys if k not in wanted or not _same(settings.get(k), wanted[k])]
+    if "data" in changed:
+        return "to redo (another data folder)"
     if changed:
         return f"to redo (other {', '.join(changed)})"
     if fingerprint is not None and recorded.get("dataset_fingerprint") != fingerprint:
@@ -92,44 +110,84 @@ def _finished(path: Path, wanted: dict[str, Any], fingerprint: str | None) -> st
     return None
 
 
-def _fingerprint(folder: Path, *, decode: bool, **load: Any) -> tuple[str, int]:
-    """The dataset fingerprint stages record, and the image count. Without `decode`, from the
-    listing alone (no image is read; files an `--on-bad-file skip` run left out then differ)."""
+def _fingerprint(folder: Path, *, decode: bool, **load: Any) -> tuple[str, int, list[int]]:
+    """The dataset fingerprint stages record, the image count and the image size [H, W] a stage
+    would train at. Without `decode`, from the listing and the image headers alone (no image is
+    decoded; files an `--on-bad-file skip` run left out then differ)."""
     if decode:
         dataset = load_image_folder(folder, quiet=True, **load)
-        return dataset.fingerprint, len(dataset)
+        return dataset.fingerprint, len(dataset), list(dataset.image_size)
     listing = list_image_folder(folder)
     paths = [rel for rel, _ in listing.files]
-    return dataset_fingerprint(listing.root, paths), len(paths)
+    size = load.get("image_size")
+    cap = load.get("max_image_pixels", DEFAULT_MAX_IMAGE_PIXELS)
+    hw = [size, size] if size is not None else _most_common_size(listing.root, paths, cap)
+    return dataset_fingerprint(listing.root, paths), len(paths), hw
 
 
-def _wanted(opts: dict[str, Any], keys: tuple[str, ...]) -> dict[str, Any]:
-    """The settings a stage's JSON records for these options."""
-    opts = {**opts, "compile": opts.get("compile_model", False)}
-    if "method" in opts and opts["method"] != "otsu":  # split's own resolution of its options
-        opts["min_isolated"] = None
-    if "adv_method" in opts:  # train's own resolution of its options
-        if opts["adv_method"] == "fgsm-rs":
-            opts["step_size"], opts["steps"] = 1.25 * opts["eps"], 1
-        if opts["eps"] <= 0:
-            opts["adv_method"] = None
-        if opts.get("milestones") is None:
-            opts["milestones"] = default_milestones(opts["epochs"])
-    return {k: opts[k] for k in keys if k in opts}
+def _most_common_size(root: Path, paths: list[str], max_image_pixels: int) -> list[int]:
+    """[H, W] of most images under `root`, from their headers (as load_image_folder picks it)."""
+    counts: collections.Counter[tuple[int, int]] = collections.Counter()
+    for rel in paths:
+        try:
+            with open_image(root / rel, max_image_pixels=max_image_pixels) as image:
+                counts[image.height, image.width] += 1
+        except AablError:
+            continue  # the real run reports it
+    return list(counts.most_common(1)[0][0]) if counts else []
+
+
+def _defaults(stage: Callable[..., Any]) -> dict[str, Any]:
+    """A stage function's keyword defaults: the settings `run` leaves to the stage."""
+    return {k: p.default for k, p in inspect.signature(stage).parameters.items() if p.default is not p.empty}
+
+
+def _scan_settings(opts: dict[str, Any], *, data: Path, image_size: list[int]) -> dict[str, Any]:
+    """What scan.json's `settings` will record for these options (see scan.scan)."""
+    from aabl_cli.scan import scan
+
+    o = {**_defaults(scan), **opts}
+    return {"data": str(Path(data).resolve()), "arch": o["arch"], "epochs": o["epochs"], "optimizer": "adam",
+            "lr": o["lr"], "weight_decay": 0.0, "batch_size": o["batch_size"], "eps": o["eps"],
+            "step_size": o["step_size"], "steps": o["steps"], "random_start": False, "alpha": o["alpha"],
+            "beta": o["beta"], "model": None, "seed": o["seed"], "image_size": image_size,
+            "compile": o["compile_model"], "distributed": {"world_size": distributed.env_world_size()}}
+
+
+def _split_settings(opts: dict[str, Any]) -> dict[str, Any]:
+    """What split.json's `settings` will record for these options (see split.split)."""
+    from aabl_cli.split import split
+
+    o = {**_defaults(split), **opts}
+    return {"method": o["method"], "fraction": o["fraction"], "threshold": o["threshold"],
+            "min_isolated": o["min_isolated"] if o["method"] == "otsu" else None, "link": o["link"]}
+
+
+def _train_settings(opts: dict[str, Any], *, data: Path, image_size: list[int]) -> dict[str, Any]:
+    """What train.json's `settings` will record for these options (see train.train)."""
+    from aabl_cli.train import train
+
+    o = {**_defaults(train), **opts}
+    step_size, steps = (1.25 * o["eps"], 1) if o["adv_method"] == "fgsm-rs" else (o["step_size"], o["steps"])
+    milestones = default_milestones(o["epochs"]) if o["milestones"] is None else sorted(o["milestones"])
+    return {"data": str(Path(data).resolve()), "arch": o["arch"], "epochs": o["epochs"],
+            "adv_method": o["adv_method"] if o["eps"] > 0 else None, "eps": o["eps"], "step_size": step_size,
+            "steps": steps, "random_start": True, "optimizer": "sgd", "lr": o["lr"], "momentum": o["momentum"],
+            "weight_decay": o["weight_decay"], "batch_size": o["batch_size"], "milestones": milestones,
+            "val": None if o["val"] is None else str(o["val"]), "val_size": o["val_size"], "seed": o["seed"],
+            "image_size": image_size, "compile": o["compile_model"],
+            "distributed": {"world_size": distributed.env_world_size()}}
 
 
 def plan(data: Path, workdir: Path, scan_opts: dict[str, Any], split_opts: dict[str, Any],
          train_opts: dict[str, Any], *, decode: bool, load: dict[str, Any]) -> Plan:
-    fingerprint, n = _fingerprint(data, decode=decode, **load)
+    fingerprint, n, size = _fingerprint(data, decode=decode, **load)
     result = Plan(data=data, workdir=workdir, images=n)
-    scan_why = _finished(workdir / "scan" / "scan.json", _wanted(scan_opts, SCAN_KEYS), fingerprint)
-    if scan_why is None:
-        recorded = json.loads((workdir / "scan" / "scan.json").read_text())
-        if Path(recorded.get("dataset_root", "")) != Path(data).resolve():
-            scan_why = "to redo (another data folder)"
+    scan_why = _finished(workdir / "scan" / "scan.json", _scan_settings(scan_opts, data=data, image_size=size),
+                         fingerprint)
     result.status["scan"] = scan_why or "done"
-    split_why = "to run" if scan_why else _finished(workdir / "split" / "split.json",
-                                                    _wanted(split_opts, SPLIT_KEYS), fingerprint)
+    split_why = "to run" if scan_why else _finished(workdir / "split" / "split.json", _split_settings(split_opts),
+                                                    fingerprint)
     result.status["split"] = split_why or "done"
     train_why: str | None = "to run" if split_why else None
     if train_why is None:
@@ -137,8 +195,9 @@ def plan(data: Path, workdir: Path, scan_opts: dict[str, Any], split_opts: dict[
         if not kept.exists():
             train_why = "to run"
         else:
-            kept_fp, _ = _fingerprint(kept, decode=decode, **load)
-            train_why = _finished(workdir / "train" / "train.json", _wanted(train_opts, TRAIN_KEYS), kept_fp)
+            kept_fp, _, kept_size = _fingerprint(kept, decode=decode, **load)
+            train_why = _finished(workdir / "train" / "train.json",
+                                  _train_settings(train_opts, data=kept, image_size=kept_size), kept_fp)
     result.status["train"] = train_why or "done"
     return result
 
@@ -181,12 +240,10 @@ def estimate(result: Plan, scan_opts: dict[str, Any], train_opts: dict[str, Any]
 
 
 def _first_image_side(folder: Path) -> int:
-    from PIL import Image
-
     listing = list_image_folder(folder)
     if not listing.files:
         raise AablError(f"{folder} holds no images")
-    with Image.open(listing.root / listing.files[0][0]) as image:
+    with open_image(listing.root / listing.files[0][0]) as image:
         return max(16, min(image.size))
 
 
@@ -201,33 +258,40 @@ def run_pipeline(data: str | Path, *, workdir: str | Path, scan_opts: dict[str, 
     data, workdir = Path(data), Path(workdir)
     if split_opts.get("link") == "none":
         raise AablError("--link none writes no kept/ folder for train to read; use copy, hardlink or symlink")
-    load = {k: common[k] for k in ("cache_dir", "on_bad_file", "image_size") if k in common}
-    result = plan(data, workdir, scan_opts, split_opts, train_opts, decode=not dry_run, load=load)
+    val = train_opts.get("val")
+    refuse_overlap([Place(data, "the data folder"), None if val is None else Place(Path(val), "the --val folder")],
+                   replaces=stage_outputs(workdir, *STAGES), writes_into=[Place(workdir, "--workdir")],
+                   fix=f"choose a --workdir outside the data folder and --val that does not hold them either "
+                       f"({SECOND_ROUND})")
+    load = {k: common[k] for k in ("cache_dir", "on_bad_file", "max_image_pixels", "image_size") if k in common}
     if dry_run:
+        result = plan(data, workdir, scan_opts, split_opts, train_opts, decode=False, load=load)
         estimate(result, scan_opts, train_opts, device=common.get("device", "auto"),
                  image_size=common.get("image_size"))
         return {"plan": result.status, "estimate_s": result.estimate_s, "images": result.images,
                 "lines": result.lines()}
-    distributed.setup(resolve_device(common.get("device", "auto")))  # under torchrun: join the group now
-    for line in result.lines():
-        log(line, quiet=quiet or not distributed.is_main())
-    summary: dict[str, Any] = {"plan": dict(result.status)}
-    started = time.time()
-    if result.status["scan"] != "done":
-        summary["scan"] = scan(data, workdir=workdir, quiet=quiet, **common, **scan_opts)
-    if result.status["split"] != "done" and distributed.is_main():  # split runs in one process
-        summary["split"] = split(workdir=workdir, **split_opts)
-    distributed.barrier()
-    if "split" not in summary:
-        summary["split"] = json.loads((workdir / "split" / "split.json").read_text())
-        summary["split"]["gates"] = gates_for(summary["split"], fail_over=split_opts.get("fail_over"),
-                                              fail_on_suspect=split_opts.get("fail_on_suspect", False))
-    if summary["split"]["gates"]:
+    with workdir_lock(workdir, *STAGES, quiet=quiet):  # every stage's writer, from the plan to the last output
+        result = plan(data, workdir, scan_opts, split_opts, train_opts, decode=True, load=load)
+        distributed.setup(resolve_device(common.get("device", "auto")))  # under torchrun: join the group now
+        for line in result.lines():
+            log(line, quiet=quiet or not distributed.is_main())
+        summary: dict[str, Any] = {"plan": dict(result.status)}
+        started = time.time()
+        if result.status["scan"] != "done":
+            summary["scan"] = scan(data, workdir=workdir, quiet=quiet, **common, **scan_opts)
+        if result.status["split"] != "done" and distributed.is_main():  # split runs in one process
+            summary["split"] = split(workdir=workdir, **split_opts)
+        distributed.barrier()
+        if "split" not in summary:
+            summary["split"] = json.loads((workdir / "split" / "split.json").read_text())
+            summary["split"]["gates"] = gates_for(summary["split"], fail_over=split_opts.get("fail_over"),
+                                                  fail_on_suspect=split_opts.get("fail_on_suspect", False))
+        if summary["split"]["gates"]:
+            summary["seconds"] = time.time() - started
+            return summary  # the caller reports the tripped gate; training is skipped
+        if result.status["train"] != "done":
+            summary["train"] = train(None, workdir=workdir, quiet=quiet, **common, **train_opts)
+        else:
+            summary["train"] = json.loads((workdir / "train" / "train.json").read_text())
         summary["seconds"] = time.time() - started
-        return summary  # the caller reports the tripped gate; training is skipped
-    if result.status["train"] != "done":
-        summary["train"] = train(None, workdir=workdir, quiet=quiet, **common, **train_opts)
-    else:
-        summary["train"] = json.loads((workdir / "train" / "train.json").read_text())
-    summary["seconds"] = time.time() - started
-    return summary
+        return summary

@@ -13,7 +13,6 @@ import csv
 import os
 import shutil
 import time
-import uuid
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -33,7 +32,8 @@ from aabl_cli.checkpoint import save_trigger
 from aabl_cli.data import FolderListing, decode_image, list_image_folder
 from aabl_cli.device import resolve_device
 from aabl_cli.errors import AablError
-from aabl_cli.fsutil import atomic_output_dir, inside, safe_relative, write_json
+from aabl_cli.fsutil import Place, atomic_output_dir, inside, refuse_overlap, safe_relative, temporary_name, write_json
+from aabl_cli.lock import workdir_lock
 from aabl_cli.progress import log, progress
 
 __all__ = ["ATTACKS", "Attack", "blend_trigger", "badnets_trigger", "load_pattern", "poison_folder",
@@ -196,9 +196,9 @@ def poison_folder(
     rate = spec.default_rate if rate is None else rate
     listing = list_image_folder(src)
     root, out = listing.root, Path(out)
-    _check_out(root, out)
-    preview_path = None if preview is None else _check_preview(Path(preview), root, out)
     trigger_path = _check_trigger(spec, trigger, test)
+    _check_out(root, out, trigger_path, pattern if spec.uses_pattern and pattern not in PATTERNS else None)
+    preview_path = None if preview is None else _check_preview(Path(preview), root, out)
     n = len(listing.files)
     if n == 0:
         raise AablError(f"{root} holds no images; add images under {root}/<class>/")
@@ -222,7 +222,8 @@ def poison_folder(
 
     staged_preview: Path | None = None
     try:
-        with atomic_output_dir(out) as tmp, ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+        with workdir_lock(out.parent, out.name, quiet=quiet, tidy=False), atomic_output_dir(out) as tmp, \
+                ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:  # one writer of --out
             clean = [] if test else [i for i in range(n) if i not in names]
             sizes, examples = _write_images(tmp, pool, listing, clean=clean, jobs=jobs, names=names, quiet=quiet)
             rows = _ground_truth(listing, names, set(noise), test=test, attack=attack, target=target_index)
@@ -328,14 +329,13 @@ def _ground_truth(listing: FolderListing, names: dict[int, str], noise: set[int]
     return rows
 
 
-def _check_out(root: Path, out: Path) -> None:
-    """Refuse an `out` whose writing would touch `src`: inside it, or a folder that holds it."""
-    src_real, out_real = root.resolve(), out.resolve()
-    if out_real == src_real or src_real in out_real.parents:
-        raise AablError(f"--out {out} is inside the source folder {root}; choose an output folder outside it")
-    if out_real in src_real.parents:
-        raise AablError(f"--out {out} contains the source folder {root} and would replace it; "
-                        "choose another output folder")
+def _check_out(root: Path, out: Path, trigger: Path | None, pattern: str | None) -> None:
+    """Refuse an `out` whose writing would touch what the run reads: inside the source (or another
+    input), or a folder that holds one (replacing it would delete it)."""
+    refuse_overlap([Place(root, "the source folder"), None if trigger is None else Place(trigger, "--trigger"),
+                    None if pattern is None else Place(Path(pattern), "--pattern")],
+                   replaces=[Place(out, "--out")],
+                   fix="choose an output folder that neither lies inside the inputs nor holds them")
 
 
 def _check_trigger(spec: Attack, trigger: str | os.PathLike[str] | None, test: bool) -> Path | None:
@@ -376,7 +376,7 @@ def _stage_preview(preview: Path, examples: list[tuple[str, np.ndarray, np.ndarr
         plot_trigger_preview(tmp / preview.name, examples, title=attack)
         return None
     preview.parent.mkdir(parents=True, exist_ok=True)
-    staged = preview.parent / f".{preview.name}.tmp-{uuid.uuid4().hex[:8]}"
+    staged = temporary_name(preview, "tmp")
     try:
         plot_trigger_preview(staged, examples, title=attack)
     except BaseException:

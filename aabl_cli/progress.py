@@ -8,6 +8,8 @@ from typing import TypeVar
 
 from tqdm import tqdm
 
+from aabl_cli.text import printable
+
 T = TypeVar("T")
 
 
@@ -18,11 +20,12 @@ def is_tty() -> bool:
 def progress(iterable: Iterable[T], *, total: int | None = None, desc: str = "", unit: str = "it",
              quiet: bool = False, leave: bool = False) -> Iterator[T]:
     """Wrap a loop in a progress bar, shown only on a terminal and never when `quiet`."""
-    return iter(tqdm(iterable, total=total, desc=desc, unit=unit, leave=leave,
+    return iter(tqdm(iterable, total=total, desc=printable(desc), unit=unit, leave=leave,
                      disable=quiet or not is_tty(), dynamic_ncols=True, mininterval=0.5))
 
 
 def log(message: str, *, quiet: bool = False) -> None:
-    """One status line on stderr (stdout is kept for results and --json)."""
+    """One status line on stderr (stdout is kept for results and --json), its control characters
+    escaped: it may quote a file or class name."""
     if not quiet:
-        tqdm.write(message, file=sys.stderr)
+        tqdm.write(printable(message), file=sys.stderr)

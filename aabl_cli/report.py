@@ -30,7 +30,7 @@ from aabl_cli.checkpoint import load_model
 from aabl_cli.data import decode_image
 from aabl_cli.device import resolve_device
 from aabl_cli.errors import AablError
-from aabl_cli.fsutil import inside, safe_relative, write_text
+from aabl_cli.fsutil import Place, refuse_overlap, safe_relative, write_text
 from aabl_cli.plots import plot_class_shares, plot_history, plot_scores
 from aabl_cli.progress import log, progress
 
@@ -287,11 +287,11 @@ def report(workdir: str | Path = "aabl-out", *, out: str | Path | None = None, p
     workdir = Path(workdir)
     inputs = read_inputs(workdir)
     out = Path(out) if out is not None else workdir / "report.html"
-    dataset_root = Path(inputs.scan["dataset_root"])
-    for folder in [dataset_root] + [workdir / stage for stage in ("scan", "split", "train")]:
-        if folder.exists() and inside(out, folder):
-            raise AablError(f"--out {out} lies inside {folder}; write the report outside the dataset and the stage "
-                            "folders (the default is WORKDIR/report.html)")
+    reads = [Place(Path(inputs.scan["dataset_root"]), "the scanned data folder")]
+    reads += [Place(workdir / stage, f"the {stage} output") for stage in ("scan", "split", "train")
+              if (workdir / stage).exists()]
+    refuse_overlap(reads, replaces=[Place(out, "--out")], fix="write the report outside the dataset and the stage "
+                                                                "folders (the default is WORKDIR/report.html)")
     table = inputs.table
     hist_png, _ = _figure(plot_scores, table.scores, threshold=float(inputs.split["threshold"]),
                           isolated=~table.kept, poisoned=table.poisoned)

@@ -20,13 +20,21 @@ from torch import nn
 
 from aabl_cli import __version__, distributed
 from aabl_cli.checkpoint import load_model, save_model
-from aabl_cli.data import ImageDataset, check_image_size, load_image_folder
+from aabl_cli.data import DEFAULT_MAX_IMAGE_PIXELS, ImageDataset, check_image_size, load_image_folder
 from aabl_cli.device import autocast, prepare_model, resolve_device, seed_everything
 from aabl_cli.errors import RuntimeFault
 from aabl_cli.evaluate import to_float
-from aabl_cli.fsutil import refuse_overlap, replace_dir, write_json
+from aabl_cli.fsutil import (
+    SECOND_ROUND,
+    Place,
+    refuse_overlap,
+    replace_dir,
+    stage_outputs,
+    write_json,
+)
 from aabl_cli.fuse import AttackView
 from aabl_cli.graphs import GraphedAttack
+from aabl_cli.lock import workdir_lock
 from aabl_cli.losses import sce
 from aabl_cli.models import build_model, channel_stats
 from aabl_cli.plots import plot_scores
@@ -87,7 +95,8 @@ def scan(data: str | Path, *, workdir: str | Path = "aabl-out", arch: str = "res
          lr: float = 1e-3, batch_size: int = 128, eps: float = 2 / 255, step_size: float = 2 / 255,
          steps: int = 5, alpha: float = 0.1, beta: float = 1.0, model: str | Path | None = None, seed: int = 0,
          device: str = "auto", resume: bool | str = False, quiet: bool = False, cache_dir: str | Path | None = None,
-         on_bad_file: str = "error", image_size: int | None = None, compile_model: bool = False) -> dict[str, Any]:
+         on_bad_file: str = "error", image_size: int | None = None, compile_model: bool = False,
+         max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> dict[str, Any]:
     """Naive training (Adam, no weight decay, crop+flip) then iFGSM scoring of every sample.
 
     Writes `workdir/scan/` with `scores.csv`, `model.safetensors`, `scan.json` and
@@ -95,94 +104,97 @@ def scan(data: str | Path, *, workdir: str | Path = "aabl-out", arch: str = "res
     """
     workdir = Path(workdir)
     partial = workdir / ".scan.partial"
-    refuse_overlap([Path(data)], workdir=workdir, outputs=[workdir / "scan", partial])
-    started = time.time()
-    dev = distributed.setup(resolve_device(device))
-    quiet = quiet or not distributed.is_main()
-    with distributed.main_first():  # rank 0 fills the decode cache, the others read it
-        dataset = load_image_folder(data, image_size=image_size, on_bad_file=on_bad_file, cache_dir=cache_dir,
-                                    quiet=quiet)
-    check_image_size(dataset)
-    processes = f" in {distributed.world()} processes" if distributed.world() > 1 else ""
-    log(f"scan: {len(dataset)} images, {len(dataset.classes)} classes, {dataset.image_size[0]}x"
-        f"{dataset.image_size[1]} px, on {dev}{processes}", quiet=quiet)
-    if distributed.is_main():
-        prepare_partial(partial, resume)
-    distributed.barrier()
-    seed_everything(seed)
-    settings: dict[str, Any] = {"data": str(Path(dataset.root).resolve()), "arch": arch, "epochs": epochs,
-                                "optimizer": "adam", "lr": lr, "weight_decay": 0.0, "batch_size": batch_size,
-                                "eps": eps, "step_size": step_size, "steps": steps, "random_start": False,
-                                "alpha": alpha, "beta": beta, "model": None if model is None else str(model),
-                                "seed": seed, "image_size": list(dataset.image_size), "compile": compile_model,
-                                "distributed": distributed.describe(batch_size)}
-    train_seconds = 0.0
-    n = len(dataset)
-    train_idx, score_idx = distributed.training_shard(n), distributed.shard(n)  # both arange(n) alone
-    images: torch.Tensor | None = None
-    if model is not None:
-        net, meta = load_model(Path(model), device=dev, classes=dataset.classes)
-        if list(meta["image_size"]) != list(dataset.image_size):
-            log(f"note: the checkpoint was trained at {meta['image_size']} px, the data is "
-                f"{list(dataset.image_size)} px", quiet=quiet)
-        settings["arch"] = meta["arch"]
-        settings["epochs"] = 0
-        net = prepare_model(net, dev)
-        history: list[dict[str, Any]] = []
-    else:
-        mean, std = channel_stats(dataset.images)
-        net = prepare_model(build_model(arch, num_classes=len(dataset.classes), image_size=dataset.image_size,
-                                        mean=mean, std=std), dev)
-        optimizer = torch.optim.Adam(net.parameters(), lr=lr, weight_decay=0.0)
+    refuse_overlap([Place(Path(data), "the data folder")], writes_into=[Place(workdir, "--workdir")],
+                   replaces=[*stage_outputs(workdir, "scan"), *stage_outputs(workdir, "split", note=" (written next)")],
+                   fix=f"choose a --workdir outside the data folder that does not hold it either ({SECOND_ROUND})")
+    with workdir_lock(workdir, "scan", quiet=quiet):  # one writer at a time, until scan/ is in place
+        started = time.time()
+        dev = distributed.setup(resolve_device(device))
+        quiet = quiet or not distributed.is_main()
+        with distributed.main_first():  # rank 0 fills the decode cache, the others read it
+            dataset = load_image_folder(data, image_size=image_size, on_bad_file=on_bad_file, cache_dir=cache_dir,
+                                        max_image_pixels=max_image_pixels, quiet=quiet)
+        check_image_size(dataset)
+        processes = f" in {distributed.world()} processes" if distributed.world() > 1 else ""
+        log(f"scan: {len(dataset)} images, {len(dataset.classes)} classes, {dataset.image_size[0]}x"
+            f"{dataset.image_size[1]} px, on {dev}{processes}", quiet=quiet)
+        if distributed.is_main():
+            prepare_partial(partial, resume)
+        distributed.barrier()
+        seed_everything(seed)
+        settings: dict[str, Any] = {"data": str(Path(dataset.root).resolve()), "arch": arch, "epochs": epochs,
+                                    "optimizer": "adam", "lr": lr, "weight_decay": 0.0, "batch_size": batch_size,
+                                    "eps": eps, "step_size": step_size, "steps": steps, "random_start": False,
+                                    "alpha": alpha, "beta": beta, "model": None if model is None else str(model),
+                                    "seed": seed, "image_size": list(dataset.image_size), "compile": compile_model,
+                                    "distributed": distributed.describe(batch_size)}
+        train_seconds = 0.0
+        n = len(dataset)
+        train_idx, score_idx = distributed.training_shard(n), distributed.shard(n)  # both arange(n) alone
+        images: torch.Tensor | None = None
+        if model is not None:
+            net, meta = load_model(Path(model), device=dev, classes=dataset.classes)
+            if list(meta["image_size"]) != list(dataset.image_size):
+                log(f"note: the checkpoint was trained at {meta['image_size']} px, the data is "
+                    f"{list(dataset.image_size)} px", quiet=quiet)
+            settings["arch"] = meta["arch"]
+            settings["epochs"] = 0
+            net = prepare_model(net, dev)
+            history: list[dict[str, Any]] = []
+        else:
+            mean, std = channel_stats(dataset.images)
+            net = prepare_model(build_model(arch, num_classes=len(dataset.classes), image_size=dataset.image_size,
+                                            mean=mean, std=std), dev)
+            optimizer = torch.optim.Adam(net.parameters(), lr=lr, weight_decay=0.0)
 
-        def save(path: Path, done: int) -> None:
-            save_model(path, net, arch=arch, classes=dataset.classes, image_size=dataset.image_size, stage="scan",
-                       adv_eps=0.0, epochs=done, seed=seed, dataset_fingerprint=dataset.fingerprint)
+            def save(path: Path, done: int) -> None:
+                save_model(path, net, arch=arch, classes=dataset.classes, image_size=dataset.image_size, stage="scan",
+                           adv_eps=0.0, epochs=done, seed=seed, dataset_fingerprint=dataset.fingerprint)
 
+            t0 = time.time()
+            images, labels = place_on_device(dataset, dev, train_idx)
+            history = fit(net, images, labels, optimizer=optimizer,
+                          settings=LoopSettings(epochs=epochs, batch_size=batch_size, threat=None, milestones=[], lr=lr,
+                                                compile=compile_model),
+                          device=dev, seed=seed, partial_dir=partial, resume=resume, save_checkpoint=save,
+                          resume_key={**settings, "fingerprint": dataset.fingerprint}, desc="scan: naive training",
+                          quiet=quiet)
+            train_seconds = time.time() - t0
+        if model is not None and distributed.is_main():
+            shutil.copyfile(model, partial / "model.safetensors")  # the scoring model, as it was given
+        if images is None or not torch.equal(train_idx, score_idx):
+            images, labels = place_on_device(dataset, dev, score_idx)
         t0 = time.time()
-        images, labels = place_on_device(dataset, dev, train_idx)
-        history = fit(net, images, labels, optimizer=optimizer,
-                      settings=LoopSettings(epochs=epochs, batch_size=batch_size, threat=None, milestones=[], lr=lr,
-                                            compile=compile_model),
-                      device=dev, seed=seed, partial_dir=partial, resume=resume, save_checkpoint=save,
-                      resume_key={**settings, "fingerprint": dataset.fingerprint}, desc="scan: naive training",
-                      quiet=quiet)
-        train_seconds = time.time() - t0
-    if model is not None and distributed.is_main():
-        shutil.copyfile(model, partial / "model.safetensors")  # the scoring model, as it was given
-    if images is None or not torch.equal(train_idx, score_idx):
-        images, labels = place_on_device(dataset, dev, score_idx)
-    t0 = time.time()
-    local = score_samples(net, images, labels, device=dev, eps=eps, step_size=step_size, steps=steps,
-                          alpha=alpha, beta=beta, batch_size=_score_batch(batch_size, dev), quiet=quiet)
-    scores = {k: distributed.gather_in_order(torch.from_numpy(v), score_idx, n).numpy() for k, v in local.items()}
-    score_seconds = time.time() - t0
-    log(f"scan: scored {len(dataset)} images with iFGSM in {score_seconds:.1f} s", quiet=quiet)
-    if not np.isfinite(scores["score"]).all():
-        raise RuntimeFault(f"scoring {dataset.root} produced non-finite scores (the naive model diverged); "
-                           "try a lower --lr or another --seed")
-    if not distributed.is_main():  # rank 0 writes the outputs
-        return {"stage": "scan", "rank": distributed.rank(), "samples": n}
-    write_scores(partial / "scores.csv", dataset, scores)
-    if history:
-        write_history(partial / "history.csv", history)
+        local = score_samples(net, images, labels, device=dev, eps=eps, step_size=step_size, steps=steps,
+                              alpha=alpha, beta=beta, batch_size=_score_batch(batch_size, dev), quiet=quiet)
+        scores = {k: distributed.gather_in_order(torch.from_numpy(v), score_idx, n).numpy() for k, v in local.items()}
+        score_seconds = time.time() - t0
+        log(f"scan: scored {len(dataset)} images with iFGSM in {score_seconds:.1f} s", quiet=quiet)
+        if not np.isfinite(scores["score"]).all():
+            raise RuntimeFault(f"scoring {dataset.root} produced non-finite scores (the naive model diverged); "
+                               "try a lower --lr or another --seed")
+        if not distributed.is_main():  # rank 0 writes the outputs
+            return {"stage": "scan", "rank": distributed.rank(), "samples": n}
+        write_scores(partial / "scores.csv", dataset, scores)
+        if history:
+            write_history(partial / "history.csv", history)
 
-    truth = read_ground_truth(dataset.root, dataset.paths)
-    isolated, threshold = choose_isolated(scores["score"], method="otsu")
-    plot_scores(partial / "scores.png", scores["score"], threshold=threshold, isolated=isolated, poisoned=truth)
-    summary = {
-        "stage": "scan", "aabl_version": __version__, "torch_version": torch.__version__, "device": str(dev),
-        "dataset_root": str(Path(dataset.root).resolve()), "dataset_fingerprint": dataset.fingerprint,
-        "settings": settings, "samples": len(dataset), "classes": dataset.classes,
-        "class_counts": dataset.class_counts(), "skipped": dataset.skipped,
-        "naive_train_acc": history[-1]["train_acc"] if history else None,
-        "clean_acc": float((scores["pred_clean"] == dataset.labels.numpy()).mean()),
-        "adv_acc": float((scores["pred_adv"] == dataset.labels.numpy()).mean()),
-        "score_median": float(np.median(scores["score"])),
-        "otsu_preview": {"threshold": threshold, "isolated": int(isolated.sum())},
-        "seconds": {"train": train_seconds, "score": score_seconds, "total": time.time() - started},
-    }
-    write_json(partial / "scan.json", summary)
-    replace_dir(partial, workdir / "scan")
-    return summary
+        truth = read_ground_truth(dataset.root, dataset.paths)
+        isolated, threshold = choose_isolated(scores["score"], method="otsu")
+        plot_scores(partial / "scores.png", scores["score"], threshold=threshold, isolated=isolated, poisoned=truth)
+        summary = {
+            "stage": "scan", "aabl_version": __version__, "torch_version": torch.__version__, "device": str(dev),
+            "dataset_root": str(Path(dataset.root).resolve()), "dataset_fingerprint": dataset.fingerprint,
+            "settings": settings, "samples": len(dataset), "classes": dataset.classes,
+            "class_counts": dataset.class_counts(), "skipped": dataset.skipped,
+            "naive_train_acc": history[-1]["train_acc"] if history else None,
+            "clean_acc": float((scores["pred_clean"] == dataset.labels.numpy()).mean()),
+            "adv_acc": float((scores["pred_adv"] == dataset.labels.numpy()).mean()),
+            "score_median": float(np.median(scores["score"])),
+            "otsu_preview": {"threshold": threshold, "isolated": int(isolated.sum())},
+            "seconds": {"train": train_seconds, "score": score_seconds, "total": time.time() - started},
+        }
+        write_json(partial / "scan.json", summary)
+        replace_dir(partial, workdir / "scan")
+        return summary
 

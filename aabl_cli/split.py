@@ -22,7 +22,9 @@ from skimage.filters import threshold_otsu
 from aabl_cli import __version__
 from aabl_cli.data import LINK_MODES, dataset_fingerprint, write_image_folder
 from aabl_cli.errors import AablError
-from aabl_cli.fsutil import atomic_output_dir, write_json
+from aabl_cli.fsutil import SECOND_ROUND, Place, atomic_output_dir, inside, refuse_overlap, write_json
+from aabl_cli.lock import workdir_lock
+from aabl_cli.text import printable
 
 METHODS = ("otsu", "quantile", "fixed")
 # Verdict: the suspected class's excess share of the verdict core, as a fraction of the
@@ -65,17 +67,36 @@ def choose_isolated(scores: np.ndarray, *, method: str = "otsu", fraction: float
     if method == "quantile":
         assert fraction is not None
         return _lowest(scores, round(fraction * n))
-    if np.ptp(scores) > 0:
-        # skimage returns the centre of the low group's last bin; its upper edge is the cut,
-        # or samples in the top half of that bin would be kept.
-        t = float(threshold_otsu(scores, nbins=256)) + float(np.ptp(scores)) / 512
-    else:
-        t = float(scores[0])
-    isolated = scores < t
+    isolated, t = _otsu(scores)
     floor = math.ceil(min_isolated * n - 1e-9)
     if isolated.sum() < floor:
         return _lowest(scores, floor)
     return isolated, t
+
+
+# Otsu's threshold works on the scores as they are when their range is ordinary; past these
+# bounds skimage's histogram and class variances overflow or cannot make 256 distinct bins.
+_OTSU_SAFE_MAGNITUDE, _OTSU_SAFE_RELATIVE_RANGE = 1e100, 1e-9
+
+
+def _otsu(scores: np.ndarray) -> tuple[np.ndarray, float]:
+    """Scores below Otsu's threshold (256 bins) and the threshold, for any finite scores."""
+    lo, hi = float(scores.min()), float(scores.max())
+    if lo == hi:
+        return scores < lo, lo
+    span = hi - lo
+    magnitude = max(abs(lo), abs(hi))
+    smallest_span = max(1 / _OTSU_SAFE_MAGNITUDE, magnitude * _OTSU_SAFE_RELATIVE_RANGE)
+    if magnitude <= _OTSU_SAFE_MAGNITUDE and span >= smallest_span:
+        # skimage returns the centre of the low group's last bin; its upper edge is the cut,
+        # or samples in the top half of that bin would be kept.
+        t = float(threshold_otsu(scores, nbins=256)) + span / 512
+        return scores < t, t
+    # Extreme ranges (1e308, subnormal gaps): cut the scores mapped onto [0, 1] (an order-keeping map,
+    # halved first where hi - lo overflows), then report the cut between the two groups' scores.
+    scaled = (scores - lo) / span if math.isfinite(span) else (scores / 2 - lo / 2) / (hi / 2 - lo / 2)
+    below = scaled < float(threshold_otsu(scaled, nbins=256)) + 1 / 512
+    return _lowest(scores, int(below.sum()))
 
 
 def _lowest(scores: np.ndarray, k: int) -> tuple[np.ndarray, float]:
@@ -85,8 +106,12 @@ def _lowest(scores: np.ndarray, k: int) -> tuple[np.ndarray, float]:
     if k <= 0:
         return isolated, float(scores[order[0]]) if len(scores) else 0.0
     if k >= len(scores):
-        return isolated, float(np.nextafter(scores[order[-1]], np.inf))
-    return isolated, float((scores[order[k - 1]] + scores[order[k]]) / 2)
+        top = float(scores[order[-1]])
+        above = math.nextafter(top, math.inf)
+        return isolated, above if math.isfinite(above) else top
+    a, b = float(scores[order[k - 1]]), float(scores[order[k]])
+    middle = (a + b) / 2
+    return isolated, middle if math.isfinite(middle) else a / 2 + b / 2
 
 
 def class_verdict(labels: np.ndarray, scores: np.ndarray, isolated: np.ndarray, classes: list[str],
@@ -148,7 +173,7 @@ def read_ground_truth(root: Path, paths: list[str]) -> np.ndarray | None:
     if not truth_path.is_file():
         return None
     try:
-        with open(truth_path, newline="") as fh:
+        with open(truth_path, newline="", encoding="utf-8-sig") as fh:
             flags = {row["path"]: int(row["poisoned"]) for row in csv.DictReader(fh)}
     except (KeyError, TypeError, ValueError, OSError, csv.Error):
         return None
@@ -180,7 +205,8 @@ def read_scores(path: Path) -> tuple[dict[str, Any], list[str], np.ndarray, np.n
     labels: list[int] = []
     scores: list[float] = []
     try:
-        with open(path, newline="") as fh:
+        # utf-8-sig: a spreadsheet that saved the file may have put a byte-order mark before "index"
+        with open(path, newline="", encoding="utf-8-sig") as fh:
             reader = csv.DictReader(fh)
             missing = {"index", "path", "label", "score"} - set(reader.fieldnames or [])
             if missing:
@@ -251,50 +277,76 @@ def split(scores: str | Path | None = None, *, workdir: str | Path = "aabl-out",
         raise AablError("--method quantile needs --fraction F (the share to isolate, e.g. 0.1)")
     if method == "fixed" and threshold is None:
         raise AablError("--method fixed needs --threshold T (isolate scores below T)")
+    if threshold is not None and not math.isfinite(threshold):
+        raise AablError(f"--threshold {threshold} is not a finite number; give the score below which images "
+                        "are isolated, e.g. 0.5")
     if link not in LINK_MODES:
         raise AablError(f"unknown --link {link!r}; use one of {', '.join(LINK_MODES)}")
     started = time.time()
     workdir = Path(workdir)
     scores_path = Path(scores) if scores is not None else workdir / "scan" / "scores.csv"
-    scan, paths, labels, values = read_scores(scores_path)
-    root, classes = Path(scan["dataset_root"]), list(scan["classes"])
-    isolated, t = choose_isolated(values, method=method, fraction=fraction, threshold=threshold,
-                                  min_isolated=min_isolated)
-    kept = ~isolated
-    n = len(values)
-    summary: dict[str, Any] = {
-        "stage": "split", "aabl_version": __version__, "scores": str(scores_path.resolve()),
-        "dataset_root": str(root), "dataset_fingerprint": scan["dataset_fingerprint"],
-        "settings": {"method": method, "fraction": fraction, "threshold": threshold,
-                     "min_isolated": min_isolated if method == "otsu" else None, "link": link,
-                     "fail_over": fail_over, "fail_on_suspect": fail_on_suspect},
-        "threshold": t, "samples": n, "kept": int(kept.sum()), "isolated": int(isolated.sum()),
-        "gamma": float(kept.mean()) if n else 0.0, "isolated_fraction": float(isolated.mean()) if n else 0.0,
-        "skipped": scan.get("skipped", []),
-        **class_verdict(labels, values, isolated, classes),
-        "warnings": fit_warnings(scan),
-    }
-    truth = read_ground_truth(root, paths)
-    if truth is not None:
-        poisoned = truth.astype(bool)
-        summary["ground_truth"] = {
-            "poisoned": int(poisoned.sum()),
-            "rho": float(poisoned.mean()),
-            "rho_vul": float(poisoned[kept].mean()) if kept.any() else 0.0,
-            "precision": float(poisoned[isolated].mean()) if isolated.any() else 0.0,
-            "recall": float(isolated[poisoned].mean()) if poisoned.any() else float("nan"),
+    _refuse_overlap(scores_path, _scanned_root(scores_path), workdir)  # before the lock file is written
+    own_scan = ("scan",) if inside(scores_path, workdir / "scan") else ()
+    with workdir_lock(workdir, *own_scan, "split"):  # no scan replaces what is read, no split runs alongside
+        scan, paths, labels, values = read_scores(scores_path)
+        _refuse_overlap(scores_path, Path(scan["dataset_root"]), workdir)  # as read under the lock
+        root, classes = Path(scan["dataset_root"]), list(scan["classes"])
+        isolated, t = choose_isolated(values, method=method, fraction=fraction, threshold=threshold,
+                                      min_isolated=min_isolated)
+        kept = ~isolated
+        n = len(values)
+        summary: dict[str, Any] = {
+            "stage": "split", "aabl_version": __version__, "scores": str(scores_path.resolve()),
+            "dataset_root": str(root), "dataset_fingerprint": scan["dataset_fingerprint"],
+            "settings": {"method": method, "fraction": fraction, "threshold": threshold,
+                         "min_isolated": min_isolated if method == "otsu" else None, "link": link,
+                         "fail_over": fail_over, "fail_on_suspect": fail_on_suspect},
+            "threshold": t, "samples": n, "kept": int(kept.sum()), "isolated": int(isolated.sum()),
+            "gamma": float(kept.mean()) if n else 0.0, "isolated_fraction": float(isolated.mean()) if n else 0.0,
+            "skipped": scan.get("skipped", []),
+            **class_verdict(labels, values, isolated, classes),
+            "warnings": fit_warnings(scan),
         }
-    with atomic_output_dir(workdir / "split") as out:
-        for tree in ("kept", "isolated"):
-            for name in classes:
-                (out / tree / name).mkdir(parents=True, exist_ok=True)
-        write_image_folder(out / "kept", root, [p for p, k in zip(paths, kept) if k], link=link)
-        write_image_folder(out / "isolated", root, [p for p, i in zip(paths, isolated) if i], link=link)
-        _write_split_csv(out / "split.csv", paths, labels, values, kept, truth)
-        summary["gates"] = gates_for(summary, fail_over=fail_over, fail_on_suspect=fail_on_suspect)
-        summary["seconds"] = time.time() - started
-        write_json(out / "split.json", summary)
-    return summary
+        truth = read_ground_truth(root, paths)
+        if truth is not None:
+            poisoned = truth.astype(bool)
+            summary["ground_truth"] = {
+                "poisoned": int(poisoned.sum()),
+                "rho": float(poisoned.mean()),
+                "rho_vul": float(poisoned[kept].mean()) if kept.any() else 0.0,
+                "precision": float(poisoned[isolated].mean()) if isolated.any() else 0.0,
+                "recall": float(isolated[poisoned].mean()) if poisoned.any() else float("nan"),
+            }
+        with atomic_output_dir(workdir / "split") as out:
+            for tree in ("kept", "isolated"):
+                for name in classes:
+                    (out / tree / name).mkdir(parents=True, exist_ok=True)
+            write_image_folder(out / "kept", root, [p for p, k in zip(paths, kept) if k], link=link)
+            write_image_folder(out / "isolated", root, [p for p, i in zip(paths, isolated) if i], link=link)
+            _write_split_csv(out / "split.csv", paths, labels, values, kept, truth)
+            summary["gates"] = gates_for(summary, fail_over=fail_over, fail_on_suspect=fail_on_suspect)
+            summary["seconds"] = time.time() - started
+            write_json(out / "split.json", summary)
+        return summary
+
+
+def _scanned_root(scores_path: Path) -> Path | None:
+    """The dataset root the scan.json beside `scores_path` names; None when unreadable (read_scores says why)."""
+    try:
+        return Path(json.loads(scores_path.with_name("scan.json").read_text())["dataset_root"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _refuse_overlap(scores_path: Path, root: Path | None, workdir: Path) -> None:
+    """Split reads the scanned dataset (named in scan.json) and scores.csv, and replaces WORKDIR/split."""
+    reads = [Place(scores_path, "SCORES"), Place(scores_path.with_name("scan.json"), "the scan.json beside SCORES")]
+    if root is not None:
+        reads.append(Place(root, "the scanned data folder"))
+    refuse_overlap(reads, replaces=[Place(workdir / "split", "the split output")],
+                   writes_into=[Place(workdir, "--workdir")],
+                   fix=f"split into another work directory: aabl split {scores_path} --workdir OTHER "
+                       f"({SECOND_ROUND}; {scores_path.with_name('scan.json')} names the scanned data folder)")
 
 
 def fit_warnings(scan: dict[str, Any]) -> list[str]:
@@ -327,11 +379,11 @@ def describe(summary: dict[str, Any]) -> str:
         f"{'class':<20} {'samples':>8} {'isolated':>9} {'of class':>9} {'of isolated':>12} {'of core':>8} "
         f"{'of data':>8}",
     ]
-    for row in summary["per_class"]:
-        lines.append(f"{row['class'][:20]:<20} {row['samples']:>8} {row['isolated']:>9} "
+    for row in summary["per_class"]:  # class names are the user's folder names: one escaped line each
+        lines.append(f"{printable(row['class'])[:20]:<20} {row['samples']:>8} {row['isolated']:>9} "
                      f"{row['isolated_fraction']:>9.1%} {row['share_of_isolated']:>12.1%} {row['share_of_core']:>8.1%} "
                      f"{row['share_of_data']:>8.1%}")
-    lines += ["", f"suspected target class: {summary['suspected_class']} "
+    lines += ["", f"suspected target class: {printable(summary['suspected_class'])} "
               f"(concentration {summary['concentration']:.2f}, at least {summary.get('concentration_low', 0.0):.2f} "
               f"with {summary.get('concentration_confidence', 0.95):.0%} confidence, in the core of the "
               f"{summary['core_size']} most robust isolated samples; "
@@ -340,8 +392,10 @@ def describe(summary: dict[str, Any]) -> str:
     lines += [f"warning: {w}" for w in summary.get("warnings", [])]
     truth = summary.get("ground_truth")
     if truth:
+        recall = truth["recall"]  # undefined (NaN, or null once read back from JSON) without any poison
+        recall_text = f"{recall:.1%}" if isinstance(recall, float) and math.isfinite(recall) else "n/a (no poison)"
         lines.append(f"ground truth: rho {truth['rho']:.2%} -> rho_vul {truth['rho_vul']:.2%}; isolated set "
-                     f"precision {truth['precision']:.1%}, recall {truth['recall']:.1%}")
+                     f"precision {truth['precision']:.1%}, recall {recall_text}")
     for gate in summary.get("gates", []):
         lines.append(f"gate failed: {gate}")
     return "\n".join(lines)

@@ -25,13 +25,14 @@ from torch import nn
 
 from aabl_cli import __version__, distributed
 from aabl_cli.checkpoint import load_state, save_model, save_state
-from aabl_cli.data import ImageDataset, check_image_size, load_image_folder
+from aabl_cli.data import DEFAULT_MAX_IMAGE_PIXELS, ImageDataset, check_image_size, load_image_folder
 from aabl_cli.device import autocast, make_generator, prepare_model, resolve_device, seed_everything
 from aabl_cli.errors import AablError
 from aabl_cli.evaluate import PAPER_RA, Threat, accuracy, balanced_subset, to_float
-from aabl_cli.fsutil import refuse_overlap, replace_dir, write_json
+from aabl_cli.fsutil import Place, inside, refuse_overlap, replace_dir, stage_outputs, write_json
 from aabl_cli.fuse import AttackView
 from aabl_cli.graphs import GraphedAttack
+from aabl_cli.lock import workdir_lock
 from aabl_cli.models import build_model, channel_stats
 from aabl_cli.progress import log, progress
 
@@ -100,15 +101,16 @@ def fit(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, *, optimiz
     history: list[dict[str, Any]] = []
     start = 0
     key_json = json.dumps(resume_key, sort_keys=True)
-    if resume == "auto" and state_path.exists() and _resume_key(state_path) != key_json:
-        log(f"{desc}: the interrupted run in {partial_dir} used other settings or data; starting over",
-            quiet=quiet)
+    if resume == "auto" and state_path.exists() and (recorded := _resume_key(state_path)) != key_json:
+        log(f"{desc}: the interrupted run in {partial_dir} used other settings or data; starting over "
+            f"({changed_settings(recorded, resume_key)})", quiet=quiet)
         resume = False
     if resume and state_path.exists():
         start, rng, gen_state, meta = load_state(state_path, optimizer, model=model)
         if meta.get("resume_key") != key_json:
-            raise AablError(f"the interrupted run in {partial_dir} used other settings or data; "
-                            "run again with the same options, or without --resume to start over")
+            raise AablError(f"the interrupted run in {partial_dir} used other settings or data "
+                            f"({changed_settings(meta.get('resume_key'), resume_key)}); run again with the same "
+                            "options, or without --resume to start over")
         torch.set_rng_state(rng)
         processes = len(gen_state) if gen_state.dim() == 2 else 1
         if processes != world:
@@ -168,6 +170,29 @@ def fit(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, *, optimiz
                        meta={"resume_key": key_json, "history": json.dumps(history)}, model=model)
             write_history(history_path, history)
     return history
+
+
+def changed_settings(recorded: str | None, resume_key: dict[str, Any]) -> str:
+    """What differs between a resume state's recorded key (JSON) and this run's, for a message:
+    `epochs was 3, now 5; lr was 0.1, now 0.05`."""
+    try:
+        old = json.loads(recorded or "")
+    except ValueError:
+        old = None
+    if not isinstance(old, dict):
+        return "its settings are not recorded"
+    new = json.loads(json.dumps(resume_key))  # as it would be recorded: tuples become lists
+    changes = []
+    for name in [*new, *(k for k in old if k not in new)]:
+        if old.get(name) == new.get(name):
+            continue
+        if name == "fingerprint":
+            changes.append("the images changed (dataset fingerprint)")
+        else:
+            was = json.dumps(old[name]) if name in old else "unset"
+            now = json.dumps(new[name]) if name in new else "unset"
+            changes.append(f"{name} was {was}, now {now}")
+    return "; ".join(changes) or "its settings are recorded differently"
 
 
 def _resume_key(state_path: Path) -> str | None:
@@ -237,10 +262,14 @@ def write_history(path: Path, rows: list[dict[str, Any]]) -> None:
 
 
 def prepare_partial(partial: Path, resume: bool | str) -> None:
-    """The stage's in-progress folder: kept for --resume, otherwise started afresh."""
+    """The stage's in-progress folder: kept for --resume, otherwise started afresh. A kept one loses
+    the temporary files a killed writer left (`.NAME.tmp*`), or they would reach the output."""
     if partial.exists() and not resume:
         shutil.rmtree(partial)
     partial.mkdir(parents=True, exist_ok=True)
+    for leftover in partial.glob(".*.tmp*"):
+        if not leftover.is_dir():
+            leftover.unlink(missing_ok=True)
 
 
 def train(data: str | Path | None = None, *, workdir: str | Path = "aabl-out", arch: str = "resnet18",
@@ -249,7 +278,8 @@ def train(data: str | Path | None = None, *, workdir: str | Path = "aabl-out", a
           milestones: list[int] | None = None, val: str | Path | None = None, val_size: int = 1000,
           seed: int = 0, device: str = "auto", resume: bool | str = False, quiet: bool = False,
           cache_dir: str | Path | None = None, on_bad_file: str = "error",
-          image_size: int | None = None, adv_method: str = "pgd", compile_model: bool = False) -> dict[str, Any]:
+          image_size: int | None = None, adv_method: str = "pgd", compile_model: bool = False,
+          max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> dict[str, Any]:
     """PGD adversarial training from scratch (Madry et al.); `eps=0` trains plainly.
 
     `adv_method="fgsm-rs"` trains on one FGSM step of 1.25 eps from a uniform random start
@@ -263,74 +293,96 @@ def train(data: str | Path | None = None, *, workdir: str | Path = "aabl-out", a
     if adv_method == "fgsm-rs":
         step_size, steps = 1.25 * eps, 1
     workdir = Path(workdir)
+    _refuse_link_none(Path(data) if data is not None else workdir / "split" / "kept")
     if data is None:
         data = workdir / "split" / "kept"
         if not data.exists():
             raise AablError(f"no data given and {data} does not exist; run `aabl split` first or pass DATA")
     partial = workdir / ".train.partial"
-    refuse_overlap([Path(data)] + ([] if val is None else [Path(val)]), workdir=workdir,
-                   outputs=[workdir / "train", partial])
-    started = time.time()
-    dev = distributed.setup(resolve_device(device))
-    quiet = quiet or not distributed.is_main()
-    with distributed.main_first():  # rank 0 fills the decode cache, the others read it
-        dataset = load_image_folder(data, image_size=image_size, on_bad_file=on_bad_file, cache_dir=cache_dir,
-                                    quiet=quiet)
-        val_set = None
-        if distributed.is_main():  # validation runs on rank 0 alone
-            val_set = _load_val(val, dataset, val_size=val_size, seed=seed, cache_dir=cache_dir, quiet=quiet)
-    check_image_size(dataset)
-    milestones = default_milestones(epochs) if milestones is None else sorted(milestones)
+    val_place = None if val is None else Place(Path(val), "the --val folder")
+    refuse_overlap([Place(Path(data), "the data folder"), val_place],
+                   replaces=stage_outputs(workdir, "train"), writes_into=[Place(workdir, "--workdir")],
+                   fix="choose a --workdir outside the data folder and --val that does not hold them either")
+    own_split = ("split",) if inside(data, workdir / "split") else ()
+    with workdir_lock(workdir, *own_split, "train", quiet=quiet):  # one writer, and no split under it
+        started = time.time()
+        dev = distributed.setup(resolve_device(device))
+        quiet = quiet or not distributed.is_main()
+        with distributed.main_first():  # rank 0 fills the decode cache, the others read it
+            dataset = load_image_folder(data, image_size=image_size, on_bad_file=on_bad_file, cache_dir=cache_dir,
+                                        max_image_pixels=max_image_pixels, quiet=quiet)
+            val_set = None
+            if distributed.is_main():  # validation runs on rank 0 alone
+                val_set = _load_val(val, dataset, val_size=val_size, seed=seed, cache_dir=cache_dir,
+                                    max_image_pixels=max_image_pixels, quiet=quiet)
+        check_image_size(dataset)
+        milestones = default_milestones(epochs) if milestones is None else sorted(milestones)
 
-    seed_everything(seed)
-    mean, std = channel_stats(dataset.images)
-    model = prepare_model(build_model(arch, num_classes=len(dataset.classes), image_size=dataset.image_size,
-                                      mean=mean, std=std), dev)
-    optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
-    threat = Threat(eps=eps, step_size=step_size, steps=steps, random_start=True) if eps > 0 else None
-    settings = {"data": str(Path(dataset.root).resolve()), "arch": arch, "epochs": epochs,
-                "adv_method": adv_method if eps > 0 else None, "eps": eps,
-                "step_size": step_size, "steps": steps, "random_start": True, "optimizer": "sgd", "lr": lr,
-                "momentum": momentum, "weight_decay": weight_decay, "batch_size": batch_size, "milestones": milestones,
-                "val": None if val is None else str(val), "val_size": val_size, "seed": seed,
-                "image_size": list(dataset.image_size), "compile": compile_model,
-                "distributed": distributed.describe(batch_size)}
+        seed_everything(seed)
+        mean, std = channel_stats(dataset.images)
+        model = prepare_model(build_model(arch, num_classes=len(dataset.classes), image_size=dataset.image_size,
+                                          mean=mean, std=std), dev)
+        optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
+        threat = Threat(eps=eps, step_size=step_size, steps=steps, random_start=True) if eps > 0 else None
+        settings = {"data": str(Path(dataset.root).resolve()), "arch": arch, "epochs": epochs,
+                    "adv_method": adv_method if eps > 0 else None, "eps": eps,
+                    "step_size": step_size, "steps": steps, "random_start": True, "optimizer": "sgd", "lr": lr,
+                    "momentum": momentum, "weight_decay": weight_decay, "batch_size": batch_size,
+                    "milestones": milestones,
+                    "val": None if val is None else str(val), "val_size": val_size, "seed": seed,
+                    "image_size": list(dataset.image_size), "compile": compile_model,
+                    "distributed": distributed.describe(batch_size)}
 
-    def save(path: Path, done: int) -> None:
-        save_model(path, model, arch=arch, classes=dataset.classes, image_size=dataset.image_size, stage="train",
-                   adv_eps=eps, epochs=done, seed=seed, dataset_fingerprint=dataset.fingerprint)
+        def save(path: Path, done: int) -> None:
+            save_model(path, model, arch=arch, classes=dataset.classes, image_size=dataset.image_size, stage="train",
+                       adv_eps=eps, epochs=done, seed=seed, dataset_fingerprint=dataset.fingerprint)
 
-    validate = None
-    if val_set is not None:
-        vx, vy = val_set
-        val_threat = threat if threat is not None else PAPER_RA
+        validate = None
+        if val_set is not None:
+            vx, vy = val_set
+            val_threat = threat if threat is not None else PAPER_RA
 
-        def validate() -> dict[str, float]:
-            gen = make_generator(dev, seed)
-            return {"val_acc": accuracy(model, vx, vy, device=dev, batch_size=256),
-                    "val_ra": accuracy(model, vx, vy, device=dev, batch_size=256, threat=val_threat, generator=gen)}
+            def validate() -> dict[str, float]:
+                gen = make_generator(dev, seed)
+                return {"val_acc": accuracy(model, vx, vy, device=dev, batch_size=256),
+                        "val_ra": accuracy(model, vx, vy, device=dev, batch_size=256, threat=val_threat, generator=gen)}
 
-    if distributed.is_main():
-        prepare_partial(partial, resume)
-    distributed.barrier()
-    images, labels = place_on_device(dataset, dev, distributed.training_shard(len(dataset)))
-    history = fit(model, images, labels, optimizer=optimizer,
-                  settings=LoopSettings(epochs=epochs, batch_size=batch_size, threat=threat, milestones=milestones,
-                                        lr=lr, compile=compile_model),
-                  device=dev, seed=seed, partial_dir=partial, resume=resume, save_checkpoint=save,
-                  resume_key={**settings, "fingerprint": dataset.fingerprint}, desc="train", quiet=quiet,
-                  validate=validate)
-    summary = {
-        "stage": "train", "aabl_version": __version__, "torch_version": torch.__version__,
-        "device": str(dev), "settings": settings, "dataset_fingerprint": dataset.fingerprint,
-        "samples": len(dataset), "classes": dataset.classes, "class_counts": dataset.class_counts(),
-        "skipped": dataset.skipped, "final": history[-1] if history else {},
-        "seconds": time.time() - started,
-    }
-    if distributed.is_main():
-        write_json(partial / "train.json", summary)
-        replace_dir(partial, workdir / "train")
-    return summary
+        if distributed.is_main():
+            prepare_partial(partial, resume)
+        distributed.barrier()
+        images, labels = place_on_device(dataset, dev, distributed.training_shard(len(dataset)))
+        history = fit(model, images, labels, optimizer=optimizer,
+                      settings=LoopSettings(epochs=epochs, batch_size=batch_size, threat=threat, milestones=milestones,
+                                            lr=lr, compile=compile_model),
+                      device=dev, seed=seed, partial_dir=partial, resume=resume, save_checkpoint=save,
+                      resume_key={**settings, "fingerprint": dataset.fingerprint}, desc="train", quiet=quiet,
+                      validate=validate)
+        summary = {
+            "stage": "train", "aabl_version": __version__, "torch_version": torch.__version__,
+            "device": str(dev), "settings": settings, "dataset_fingerprint": dataset.fingerprint,
+            "samples": len(dataset), "classes": dataset.classes, "class_counts": dataset.class_counts(),
+            "skipped": dataset.skipped, "final": history[-1] if history else {},
+            "seconds": time.time() - started,
+        }
+        if distributed.is_main():
+            write_json(partial / "train.json", summary)
+            replace_dir(partial, workdir / "train")
+        return summary
+
+
+def _refuse_link_none(data: Path) -> None:
+    """A split written with `--link none` leaves kept/ and isolated/ without images: say so, not "no images"."""
+    split_json = data.parent / "split.json"
+    if data.name not in ("kept", "isolated") or not split_json.is_file():
+        return
+    try:
+        link = json.loads(split_json.read_text())["settings"]["link"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return
+    if link == "none":
+        raise AablError(f"{data.parent} was written by `aabl split --link none`, which lists the split in split.csv "
+                        f"but puts no images in {data}; split again with `aabl split --link copy` (or hardlink or "
+                        "symlink), then train")
 
 
 def place_on_device(dataset: ImageDataset, device: torch.device,
@@ -347,11 +399,12 @@ def place_on_device(dataset: ImageDataset, device: torch.device,
 
 
 def _load_val(val: str | Path | None, train_set: ImageDataset, *, val_size: int, seed: int,
-              cache_dir: str | Path | None, quiet: bool) -> tuple[torch.Tensor, torch.Tensor] | None:
+              cache_dir: str | Path | None, max_image_pixels: int,
+              quiet: bool) -> tuple[torch.Tensor, torch.Tensor] | None:
     if val is None:
         return None
     val_set = load_image_folder(val, image_size=train_set.image_size, cache_dir=cache_dir, min_classes=1,
-                                quiet=quiet)
+                                max_image_pixels=max_image_pixels, quiet=quiet)
     if val_set.classes != train_set.classes:
         raise AablError(f"--val {val} has classes {val_set.classes}, the training data {train_set.classes}; "
                         "pass a validation folder with the same class folders")

@@ -109,3 +109,17 @@ def pixels(path: Path) -> np.ndarray:
     """An image's RGB pixels as int16 (differences do not wrap)."""
     with Image.open(path) as img:
         return np.asarray(img.convert("RGB"), dtype=np.int16)
+
+
+# The real CLI with every file copy slowed down, so that a signal reliably lands while outputs are
+# being written (a tiny folder is otherwise copied in milliseconds).
+SLOW_COPIES = """
+import shutil, sys, time
+real = shutil.copyfile
+def slow(*args, **kwargs):
+    time.sleep(0.05)
+    return real(*args, **kwargs)
+shutil.copyfile = slow
+from aabl_cli.cli import cli
+cli(sys.argv[1:], prog_name="aabl")
+"""

@@ -794,8 +794,8 @@ CASES: list[Case] = [
     Case("scores-inf", scores(set_score(4, "-inf")), 2, ("not a finite number", "give every sample")),
     Case("scores-empty-file", scores(text=""), 2, ("lacks the column", "use the scores.csv that scan wrote")),
     Case("scores-header-only", scores(lambda r: r[:1]), 2, ("has 0 rows", "re-create it")),
-    Case("scores-excel-bom", scores(lambda r: [["\ufeffindex", *r[0][1:]], *r[1:]]), 2,
-         ("lacks the column", "use the scores.csv that scan wrote")),
+    # a spreadsheet's byte-order mark is read past: 2 of the 8 isolated, as from the original file
+    Case("scores-excel-bom", scores(lambda r: [["\ufeffindex", *r[0][1:]], *r[1:]]), 0, ("isolated", "2 (25.0%)")),
     Case("scores-from-another-dataset", scores_from_another_dataset, 2, ("cannot be read from", "scan it again")),
     Case("dataset-changed-since-scan", dataset_changed, 2, ("does not match the images", "scan the dataset again")),
     Case("scores-without-scan-json", no_scan_json, 2, ("scan.json", "keep the scan.json")),

@@ -84,7 +84,9 @@ def test_scoring_and_split_in_two_processes_match_one(data: Path, tmp_path: Path
     for name in ("one", "two"):
         run(aabl("split", "--workdir", tmp_path / name, "--link", "none", "--quiet"))
     split_one, split_two = (_rows(tmp_path / name / "split" / "split.csv") for name in ("one", "two"))
-    assert split_one == split_two
+    # the shards run other batch shapes, so scores agree to float noise; the cut itself is the same
+    assert [(r["path"], r["kept"]) for r in split_two] == [(r["path"], r["kept"]) for r in split_one]
+    assert max(abs(float(a["score"]) - float(b["score"])) for a, b in zip(split_one, split_two)) < 1e-4
     assert tree_hash(data) == before
 
 
@@ -136,7 +138,7 @@ def test_two_process_training_killed_then_resumed(data: Path, tmp_path: Path) ->
         done = int(fh.metadata()["epoch"])
     assert 1 <= done < 12
     assert load_file(str(state))["generator"].shape[0] == 2  # one sampling generator per process
-    assert sorted(p.name for p in work.iterdir()) == [".train.partial"]
+    assert sorted(p.name for p in work.iterdir()) == [".train.lock", ".train.partial"]  # rank 0 held the lock
 
     other = subprocess.run(aabl("train", data, *epochs, "--workdir", work, "--cache-dir", cache, "--resume", *TRAIN),
                            env=ENV, capture_output=True, text=True, timeout=300)

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import make_folder, tree_hash, write_fake_scan
+from conftest import SLOW_COPIES, make_folder, tree_hash, write_fake_scan
 from safetensors import safe_open
 from safetensors.torch import load_file
 
@@ -30,18 +30,6 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 # 3 epochs of plain training, ~0.8 s each on one thread: long enough to be killed between two.
 TRAIN = ("--arch", "cnn", "--epochs", "3", "--eps", "0", "--batch-size", "16", "--seed", "1", "--device", "cpu")
 
-# The real CLI with every file copy slowed down, so that a signal reliably lands while outputs are
-# being written (a tiny folder is otherwise copied in milliseconds).
-SLOW_COPIES = """
-import shutil, sys, time
-real = shutil.copyfile
-def slow(*args, **kwargs):
-    time.sleep(0.05)
-    return real(*args, **kwargs)
-shutil.copyfile = slow
-from aabl_cli.cli import cli
-cli(sys.argv[1:], prog_name="aabl")
-"""
 
 
 def aabl(*args: object) -> list[str]:
@@ -90,8 +78,8 @@ def test_sigkill_mid_training_then_resume_gives_the_uninterrupted_weights(tmp_pa
     finally:
         proc.communicate(timeout=60)
     assert proc.returncode == -signal.SIGKILL
-    # no output, whole or half: only the hidden in-progress folder
-    assert sorted(p.name for p in work.iterdir()) == [".train.partial"]
+    # no output, whole or half: only the hidden in-progress folder, and the lock the killed run held
+    assert sorted(p.name for p in work.iterdir()) == [".train.lock", ".train.partial"]
     with safe_open(str(state), framework="pt") as fh:
         done = int(fh.metadata()["epoch"])
     assert 1 <= done < 3
