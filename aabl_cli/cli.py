@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import errno
 import sys
-import traceback
 import warnings
 from pathlib import Path
 from typing import Any
@@ -12,66 +10,26 @@ from typing import Any
 import click
 
 from aabl_cli import __version__
-from aabl_cli.errors import AablError, GateFailed
+from aabl_cli.core.errors import GateFailed
+from aabl_cli.core.text import json_text, printable
 from aabl_cli.options import (
     ARCH_CHOICES,
-    ATTACK_CHOICES,
+    BACKDOOR_CHOICES,
+    BACKDOOR_HELP,
     BUDGET,
     SHARE,
+    AablGroup,
     FiniteFloat,
     check_run_options,
     common_options,
     emit,
+    one_backdoor,
     parse_milestones,
+    run_stage_options,
     scaled_lr,
+    show_warning,
     training_options,
 )
-from aabl_cli.text import json_text, printable
-
-# Environment faults the user can fix wherever they strike (exit 1): what to do about each.
-_WRITABLE = "fix its permissions or choose a writable --workdir / --out"
-ENVIRONMENT_FIXES = {errno.ENOSPC: "free some space or choose another --workdir / --out",
-                     errno.EDQUOT: "free some space (disk quota) or choose another --workdir / --out",
-                     errno.EROFS: "choose a writable --workdir / --out", errno.EACCES: _WRITABLE,
-                     errno.EPERM: _WRITABLE}
-
-
-class AablGroup(click.Group):
-    """Turns the tool's errors into one line on stderr and an exit code, never a traceback."""
-
-    def invoke(self, ctx: click.Context) -> Any:
-        try:
-            return super().invoke(ctx)
-        except AablError as err:
-            self._fail(ctx, f"error: {err}", err.exit_code)
-        except GateFailed as err:
-            self._fail(ctx, f"gate failed: {err}", GateFailed.exit_code)
-        except KeyboardInterrupt:
-            self._fail(ctx, "interrupted: outputs were left as they were before this command", 130)
-        except click.ClickException as err:  # usage errors: click prints them, after we escape them
-            err.message = printable(err.message)
-            raise
-        except (click.exceptions.Exit, click.exceptions.Abort):
-            raise
-        except Exception as err:  # noqa: BLE001 - the last line of defence for a CLI
-            fix = ENVIRONMENT_FIXES.get(err.errno) if isinstance(err, OSError) else None
-            if fix is not None:
-                where = f" ({err.filename})" if err.filename else ""
-                self._fail(ctx, f"error: {err.strerror}{where}; {fix}", 1)
-            hint = "" if ctx.obj and ctx.obj.get("debug") else " (run with --debug for the traceback)"
-            self._fail(ctx, f"error: {type(err).__name__}: {err}{hint}", 1)
-
-    @staticmethod
-    def _fail(ctx: click.Context, message: str, code: int) -> None:
-        """One line on stderr, its control characters escaped: a message may quote a file name."""
-        if ctx.obj and ctx.obj.get("debug"):
-            click.echo(printable(traceback.format_exc().rstrip("\n"), multiline=True), err=True)
-        click.echo(printable(message), err=True)
-        ctx.exit(code)
-
-
-def _show_warning(message: Warning | str, category: type[Warning], *args: Any, **kwargs: Any) -> None:
-    click.echo(printable(f"warning: {message}"), err=True)
 
 
 @click.group(cls=AablGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -95,7 +53,7 @@ def cli(ctx: click.Context, debug: bool) -> None:
     """
     ctx.ensure_object(dict)
     ctx.obj["debug"] = debug
-    warnings.showwarning = _show_warning
+    warnings.showwarning = show_warning
 
 
 
@@ -124,15 +82,16 @@ def scan(data: Path, model_path: Path | None, as_json: bool, **options: Any) -> 
     Writes WORKDIR/scan/: scores.csv (one row per image, in dataset order; lower score =
     more robust = more suspicious), model.safetensors, scan.json and scores.png.
     """
-    from aabl_cli.distributed import launched_as_main
-    from aabl_cli.scan import scan as run_scan
+    from aabl_cli.core.distributed import launched_as_main
+    from aabl_cli.core.workdir import Workdir
+    from aabl_cli.stages.scan import scan as run_scan
 
     summary = run_scan(data, model=model_path, **options)
     if not launched_as_main():  # under torchrun rank 0 alone reports
         return
     text = (f"scanned {summary['samples']} images in {summary['seconds']['total']:.0f} s: clean accuracy "
-            f"{summary['clean_acc']:.1%}, under iFGSM {summary['adv_acc']:.1%}\n"
-            f"wrote {options['workdir'] / 'scan'}/ (scores.csv, model.safetensors, scan.json, scores.png)")
+            f"{summary['acc']:.1%}, under iFGSM {summary['ra']:.1%}\n"
+            f"wrote {Workdir(options['workdir']).scan.path}/ (scores.csv, model.safetensors, scan.json, scores.png)")
     emit(summary, as_json, text)
 
 
@@ -162,12 +121,13 @@ def split(as_json: bool, quiet: bool, **options: Any) -> None:
     Reads SCORES (scores.csv with its scan.json) and the dataset folder it names; writes
     WORKDIR/split/: kept/ and isolated/ image folders, split.csv and split.json.
     """
-    from aabl_cli.split import describe
-    from aabl_cli.split import split as run_split
+    from aabl_cli.core.workdir import Workdir
+    from aabl_cli.stages.split import describe
+    from aabl_cli.stages.split import split as run_split
 
     summary = run_split(**options)
     if not quiet or as_json:
-        emit(summary, as_json, describe(summary) + f"\nwrote {options['workdir'] / 'split'}/")
+        emit(summary, as_json, describe(summary) + f"\nwrote {Workdir(options['workdir']).split.path}/")
     if summary["gates"]:
         raise GateFailed("; ".join(summary["gates"]))
 
@@ -201,8 +161,9 @@ def train(data: Path | None, milestones: str | None, as_json: bool, **options: A
 
     Writes WORKDIR/train/: model.safetensors, train.json and history.csv.
     """
-    from aabl_cli.distributed import launched_as_main
-    from aabl_cli.train import train as run_train
+    from aabl_cli.core.distributed import launched_as_main
+    from aabl_cli.core.workdir import Workdir
+    from aabl_cli.stages.train import train as run_train
 
     options["lr"] = scaled_lr(options, "lr")
     summary = run_train(data, milestones=parse_milestones(milestones, options["epochs"]), **options)
@@ -211,30 +172,19 @@ def train(data: Path | None, milestones: str | None, as_json: bool, **options: A
     final = summary["final"]
     extra = "".join(f", {k} {final[k]:.1%}" for k in ("val_acc", "val_ra") if k in final)
     text = (f"trained {summary['settings']['epochs']} epochs on {summary['samples']} images in "
-            f"{summary['seconds']:.0f} s: train accuracy {final.get('train_acc', float('nan')):.1%}{extra}\n"
-            f"wrote {options['workdir'] / 'train'}/ (model.safetensors, train.json, history.csv)")
+            f"{summary['seconds']['total']:.0f} s: train accuracy {final.get('train_acc', float('nan')):.1%}{extra}\n"
+            f"wrote {Workdir(options['workdir']).train.path}/ (model.safetensors, train.json, history.csv)")
     emit(summary, as_json, text)
 
 
-@cli.command(epilog="""\b
-Attacks (the paper's seven, with its defaults):
-  badnets  3x3 white square in the bottom-right corner (sizes scale from 32 px)
-  blend    a fixed pattern (--pattern) laid over the image at opacity 0.1
-  trojan   a fixed 5x7 watermark-like colour patch in the bottom-left corner
-  wanet    a smooth warp (k=4, s=0.5); twice as many other images get a jittered
-           warp and keep their label (kind "noise", poisoned 0 in poison.csv)
-  iab      input-aware pattern and mask from networks trained on SRC (--epochs)
-  ssba     invisible residual (at most 8/255 per pixel) from an encoder trained
-           on SRC (--epochs)
-  clb      clean label: target-class images pushed off their label by PGD
-           (16/255, 30 steps) against a model trained on SRC, then a 3x3
-           checkerboard in each corner; --rate is the share of the target class
-iab and ssba write trigger.safetensors beside poison.csv; the --test set of the
-same attack needs it back: --trigger DIR/trigger.safetensors.""")
-@click.argument("src", type=click.Path(exists=True, file_okay=False, path_type=Path))
-@click.option("--attack", type=click.Choice(ATTACK_CHOICES), required=True, help="The backdoor attack (see below).")
+@cli.command(epilog=BACKDOOR_HELP)
+@click.argument("data", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--backdoor", type=click.Choice(BACKDOOR_CHOICES), default=None,
+              help="The backdoor to plant (see below).  [required]")
+@click.option("--attack", "old_backdoor", type=click.Choice(BACKDOOR_CHOICES), default=None, hidden=True,
+              help="The earlier name of --backdoor, still accepted.")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True,
-              help="Folder to write the poisoned copy to (replaced whole; SRC is never modified).")
+              help="Folder to write the poisoned copy to (replaced whole; DATA is never modified).")
 @click.option("--rate", type=SHARE, default=None,
               help="Share poisoned: of the whole set, drawn from the non-target classes; for clb, of the target "
                    "class.  [default: 0.1; 0.5 for clb]")
@@ -246,8 +196,8 @@ same attack needs it back: --trigger DIR/trigger.safetensors.""")
               help="Blend pattern: image (a smooth photo bundled with scikit-image), noise (seeded uniform "
                    "noise) or a path to an image file.")
 @click.option("--epochs", type=click.IntRange(1), default=None,
-              help="Training epochs of the network the attack trains on SRC: iab's mask, then its generator with "
-                   "a classifier; ssba's encoder and decoder; clb's victim model.  [default: iab 10, ssba 10, "
+              help="Training epochs of the network the backdoor trains on DATA: iab's mask, then its generator "
+                   "with a classifier; ssba's encoder and decoder; clb's victim model.  [default: iab 10, ssba 10, "
                    "clb 5]")
 @click.option("--arch", type=click.Choice(ARCH_CHOICES), default="cnn", show_default=True,
               help="The classifier iab trains with its generator, and clb's victim model.")
@@ -261,24 +211,25 @@ same attack needs it back: --trigger DIR/trigger.safetensors.""")
 @click.option("--device", default="auto", show_default=True, help="Where networks train: auto, cpu, cuda, cuda:N "
                                                                    "or mps.")
 @click.option("--cache-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
-              help="Where SRC is cached decoded for training.  [default: $XDG_CACHE_HOME/aabl]")
+              help="Where DATA is cached decoded for training.  [default: $XDG_CACHE_HOME/aabl]")
 @click.option("--quiet", is_flag=True, help="No progress bars or log lines.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON on stdout.")
-def poison(src: Path, as_json: bool, **options: Any) -> None:
-    """Write a poisoned copy of the image folder SRC, with its ground truth, for evaluation.
+def poison(data: Path, backdoor: str | None, old_backdoor: str | None, as_json: bool, **options: Any) -> None:
+    """Write a poisoned copy of the image folder DATA, with its ground truth, for evaluation.
 
     OUT gets the images (untouched ones copied byte for byte, triggered ones as PNG named
     after their origin class: poisons in the target class, wanet's noise images in their
-    own), poison.csv (path, poisoned, kind, original_label, label, attack, target) and
+    own), poison.csv (path, poisoned, kind, original_label, label, backdoor, target) and
     poison.json (the settings, the training report and the seconds taken).
     """
-    from aabl_cli.poison import poison_folder
+    from aabl_cli.stages.poison import poison_folder
 
-    summary = poison_folder(src, **options)
+    backdoor = one_backdoor(backdoor, old_backdoor)
+    summary = poison_folder(data, backdoor=backdoor, **options)
     counts = summary["counts"]
     noise = f" (+{counts['noise']} noise images that keep their label)" if counts["noise"] else ""
     text = (f"wrote {options['out']}/: {counts['poisoned']} of {counts['written']} images poisoned with "
-            f"{options['attack']} -> class {summary['target']} ({printable(summary['target_name'])}){noise}")
+            f"{backdoor} -> class {summary['target']} ({printable(summary['target_name'])}){noise}")
     emit(summary, as_json, text)
 
 
@@ -305,10 +256,10 @@ def evaluate(model: Path, test: Path, eps: float, step_size: float, steps: int, 
              **options: Any) -> None:
     """Measure MODEL on TEST: ACC (clean accuracy), RA (accuracy under PGD) and, with
     --poisoned, ASR (share of triggered images classified as the target). Prints JSON."""
-    from aabl_cli.distributed import launched_as_main
-    from aabl_cli.evaluate import Threat
-    from aabl_cli.evaluate import evaluate as run_evaluate
-    from aabl_cli.fsutil import Place, refuse_overlap, write_json
+    from aabl_cli.core.attacks import Threat
+    from aabl_cli.core.distributed import launched_as_main
+    from aabl_cli.core.fsutil import Place, refuse_overlap, write_json
+    from aabl_cli.stages.evaluate import evaluate as run_evaluate
 
     if out is not None:
         poisoned = options["poisoned"]
@@ -344,7 +295,7 @@ def report(workdir: Path, as_json: bool, **options: Any) -> None:
     is one, and the most suspicious isolated images with gradient saliency maps that show
     where the trigger sits. Everything is inlined; nothing else in WORKDIR or the dataset changes.
     """
-    from aabl_cli.report import report as write_report
+    from aabl_cli.stages.report import report as write_report
 
     summary = write_report(workdir, **options)
     if not options["quiet"] or as_json:
@@ -368,11 +319,11 @@ def demo(as_json: bool, **options: Any) -> None:
     Generates 10 classes of shapes and plants two backdoors on disjoint images: BadNets
     (corner patch, category A) to class 0 on 10 % and WaNet (whole-image warp, category B)
     to class 1 on 10 %. Then runs scan, split and PGD adversarial training with the small
-    CNN, and prints ACC, RA and each attack's ASR for the naive model against the A-ABL
-    model, how much of each attack's poison the split isolated, gamma, rho_vul and the
+    CNN, and prints ACC, RA and each backdoor's ASR for the naive model against the A-ABL
+    model, how much of each backdoor's poison the split isolated, gamma, rho_vul and the
     verdict: the split removes the patch, adversarial training suppresses the warp.
     """
-    from aabl_cli.demo import describe, run_demo
+    from aabl_cli.stages.demo import describe, run_demo
 
     result = run_demo(**options)
     emit(result, as_json, describe(result))
@@ -386,7 +337,7 @@ def demo(as_json: bool, **options: Any) -> None:
               help="Training batch size of scan and train (per process under torchrun).")
 @click.option("--image-size", type=click.IntRange(16, 1024), default=None,
               help="Resize images to N x N px.  [default: the most common size in the folder]")
-@click.option("--compile", "compile_model", is_flag=True, help="torch.compile scan's and train's passes.")
+@click.option("--compile", is_flag=True, help="torch.compile scan's and train's passes.")
 @click.option("--scan-epochs", type=click.IntRange(1), default=20, show_default=True,
               help="scan: naive training epochs (Adam).")
 @click.option("--scan-lr", type=FiniteFloat(min=0, min_open=True), default=1e-3, show_default=True,
@@ -433,24 +384,14 @@ def run(data: Path, as_json: bool, dry_run: bool, **o: Any) -> None:
     same command continues a run that stopped; an interrupted stage resumes from its last
     finished epoch. Options of one stage carry its name (--scan-epochs, --train-eps, ...).
     """
-    from aabl_cli.distributed import launched_as_main
-    from aabl_cli.pipeline import run_pipeline
+    from aabl_cli.core.distributed import launched_as_main
+    from aabl_cli.stages.run import run_pipeline
 
     o["train_lr"] = scaled_lr(o, "train_lr")
-    common = {k: o[k] for k in ("device", "seed", "cache_dir", "on_bad_file", "max_image_pixels", "image_size")}
-    shared = {"arch": o["arch"], "batch_size": o["batch_size"], "seed": o["seed"], "compile_model": o["compile_model"]}
-    scan_opts = {"epochs": o["scan_epochs"], "lr": o["scan_lr"], "eps": o["scan_eps"],
-                 "step_size": o["scan_step_size"], "steps": o["scan_steps"], "resume": "auto", **shared}
-    split_opts = {k: o[k] for k in ("method", "fraction", "threshold", "min_isolated", "link", "fail_over",
-                                    "fail_on_suspect")}
-    train_opts = {"epochs": o["train_epochs"], "eps": o["train_eps"], "step_size": o["train_step_size"],
-                  "steps": o["train_steps"], "adv_method": o["adv_method"], "lr": o["train_lr"],
-                  "momentum": o["momentum"], "weight_decay": o["weight_decay"], "val": o["val"], "resume": "auto",
-                  "milestones": parse_milestones(o["milestones"], o["train_epochs"]), **shared}
     check_run_options(o)
+    common, scan_opts, split_opts, train_opts = run_stage_options(o)
     summary = run_pipeline(data, workdir=o["workdir"], scan_opts=scan_opts, split_opts=split_opts,
-                           train_opts=train_opts, common={k: v for k, v in common.items() if k != "seed"},
-                           dry_run=dry_run, quiet=o["quiet"])
+                           train_opts=train_opts, common=common, dry_run=dry_run, quiet=o["quiet"])
     if not launched_as_main():
         return
     if dry_run:
@@ -463,7 +404,7 @@ def run(data: Path, as_json: bool, dry_run: bool, **o: Any) -> None:
     accuracy = summary["train"].get("final", {}).get("train_acc", float("nan"))
     split_summary = summary["split"]
     text = (f"kept {split_summary['kept']} of {split_summary['samples']} images (isolated "
-            f"{split_summary['isolated_fraction']:.1%}, verdict: {split_summary['verdict']}); trained "
+            f"{split_summary['isolated_share']:.1%}, verdict: {split_summary['verdict']}); trained "
             f"{summary['train']['settings']['epochs']} epochs: train accuracy {accuracy:.1%}\n"
             f"wrote {o['workdir']}/ (scan/, split/, train/)")
     emit(summary, as_json, text)

@@ -1,9 +1,12 @@
-"""Options and option types the `aabl` commands share, and how their summaries are printed."""
+"""Options and option types the `aabl` commands share, and how their summaries, warnings and
+failures are printed."""
 
 from __future__ import annotations
 
+import errno
 import math
 import re
+import traceback
 from collections.abc import Callable
 from fractions import Fraction
 from pathlib import Path
@@ -11,11 +14,27 @@ from typing import Any
 
 import click
 
-from aabl_cli.text import json_text, printable
+from aabl_cli.core.errors import AablError, GateFailed
+from aabl_cli.core.text import json_text, printable
 
 ARCH_CHOICES = ("cnn", "resnet18", "resnet34", "vgg16", "mobilenetv2", "densenet121")
-# poison.ATTACKS' keys, spelled out so that `--help` need not import torch
-ATTACK_CHOICES = ("badnets", "blend", "trojan", "wanet", "iab", "ssba", "clb")
+# stages.poison.BACKDOORS' keys and what each does, spelled out so that `--help` need not import torch
+BACKDOOR_CHOICES = ("badnets", "blend", "trojan", "wanet", "iab", "ssba", "clb")
+BACKDOOR_HELP = """\b
+Backdoors (the paper's seven, with its defaults):
+  badnets  3x3 white square in the bottom-right corner (sizes scale from 32 px)
+  blend    a fixed pattern (--pattern) laid over the image at opacity 0.1
+  trojan   a fixed 5x7 watermark-like colour patch in the bottom-left corner
+  wanet    a smooth warp (k=4, s=0.5); twice as many other images get a jittered
+           warp and keep their label (kind "noise", poisoned 0 in poison.csv)
+  iab      input-aware pattern and mask from networks trained on DATA (--epochs)
+  ssba     invisible residual (at most 8/255 per pixel) from an encoder trained
+           on DATA (--epochs)
+  clb      clean label: target-class images pushed off their label by PGD
+           (16/255, 30 steps) against a model trained on DATA, then a 3x3
+           checkerboard in each corner; --rate is the share of the target class
+iab and ssba write trigger.safetensors beside poison.csv; the --test set of the
+same backdoor needs it back: --trigger DIR/trigger.safetensors."""
 
 
 # An exponent past float range: Fraction("1e999999999") would compute 10**999999999 (minutes, gigabytes).
@@ -88,6 +107,53 @@ BUDGET = Budget()
 SHARE = ShareType()
 
 
+# Environment faults the user can fix wherever they strike (exit 1): what to do about each.
+_WRITABLE = "fix its permissions or choose a writable --workdir / --out"
+ENVIRONMENT_FIXES = {errno.ENOSPC: "free some space or choose another --workdir / --out",
+                     errno.EDQUOT: "free some space (disk quota) or choose another --workdir / --out",
+                     errno.EROFS: "choose a writable --workdir / --out", errno.EACCES: _WRITABLE,
+                     errno.EPERM: _WRITABLE}
+
+
+class AablGroup(click.Group):
+    """Turns the tool's errors into one line on stderr and an exit code, never a traceback."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except AablError as err:
+            self._fail(ctx, f"error: {err}", err.exit_code)
+        except GateFailed as err:
+            self._fail(ctx, f"gate failed: {err}", GateFailed.exit_code)
+        except KeyboardInterrupt:
+            self._fail(ctx, "interrupted: outputs were left as they were before this command", 130)
+        except click.ClickException as err:  # usage errors: click prints them, after we escape them
+            err.message = printable(err.message)
+            raise
+        except (click.exceptions.Exit, click.exceptions.Abort):
+            raise
+        except Exception as err:  # noqa: BLE001 - the last line of defence for a CLI
+            fix = ENVIRONMENT_FIXES.get(err.errno) if isinstance(err, OSError) else None
+            if fix is not None:
+                where = f" ({err.filename})" if err.filename else ""
+                self._fail(ctx, f"error: {err.strerror}{where}; {fix}", 1)
+            hint = "" if ctx.obj and ctx.obj.get("debug") else " (run with --debug for the traceback)"
+            self._fail(ctx, f"error: {type(err).__name__}: {err}{hint}", 1)
+
+    @staticmethod
+    def _fail(ctx: click.Context, message: str, code: int) -> None:
+        """One line on stderr, its control characters escaped: a message may quote a file name."""
+        if ctx.obj and ctx.obj.get("debug"):
+            click.echo(printable(traceback.format_exc().rstrip("\n"), multiline=True), err=True)
+        click.echo(printable(message), err=True)
+        ctx.exit(code)
+
+
+def show_warning(message: Warning | str, category: type[Warning], *args: Any, **kwargs: Any) -> None:
+    """Python's warnings on stderr as `warning: ...`, escaped like every other line."""
+    click.echo(printable(f"warning: {message}"), err=True)
+
+
 def common_options(func: Callable[..., Any]) -> Callable[..., Any]:
     """Options every stage shares."""
     options = [
@@ -124,7 +190,7 @@ def training_options(default_arch: str) -> Callable[[Callable[..., Any]], Callab
                          help="Resize images to N x N px.  [default: the most common size in the folder]"),
             click.option("--resume", is_flag=True,
                          help="Continue an interrupted run of this stage from its last finished epoch."),
-            click.option("--compile", "compile_model", is_flag=True,
+            click.option("--compile", is_flag=True,
                          help="torch.compile the training and attack passes: pays off on a GPU for long runs "
                               "(the first batches wait a minute or more for compilation; the last partial "
                               "batch of each epoch is dropped so shapes stay fixed)."),
@@ -138,7 +204,7 @@ def training_options(default_arch: str) -> Callable[[Callable[..., Any]], Callab
 def emit(summary: dict[str, Any], as_json: bool, text: str) -> None:
     """Print a command's summary on stdout: as JSON (non-finite numbers as null, every control
     character escaped) or as `text` with control characters escaped (`text.printable`)."""
-    from aabl_cli.distributed import launched_as_main
+    from aabl_cli.core.distributed import launched_as_main
 
     if not launched_as_main():  # under torchrun rank 0 alone reports
         return
@@ -158,8 +224,8 @@ def check_run_options(o: dict[str, Any]) -> None:
 def scaled_lr(options: dict[str, Any], name: str) -> float:
     """SGD's learning rate: left at its default it follows the effective batch (batch per process x
     torchrun processes) by the linear scaling rule, 0.1 x batch / 128; given explicitly it is kept."""
-    from aabl_cli.distributed import env_world_size, launched_as_main
-    from aabl_cli.progress import log
+    from aabl_cli.core.distributed import env_world_size, launched_as_main
+    from aabl_cli.core.progress import log
 
     lr = options[name]
     effective = options["batch_size"] * env_world_size()
@@ -182,3 +248,31 @@ def parse_milestones(text: str | None, epochs: int) -> list[int] | None:
     if any(not 0 < v <= epochs for v in values):
         raise click.BadParameter(f"{text!r}: every milestone must lie in 1..{epochs}", param_hint="--milestones")
     return values
+
+
+def one_backdoor(backdoor: str | None, old_backdoor: str | None) -> str:
+    """`aabl poison`'s backdoor: `--backdoor`, or `--attack`, its earlier name, which old command lines use."""
+    ctx = click.get_current_context()
+    if backdoor is not None and old_backdoor is not None and backdoor != old_backdoor:
+        raise click.UsageError(f"--backdoor {backdoor} and --attack {old_backdoor} disagree; --attack is the earlier "
+                               "name of --backdoor: give --backdoor alone", ctx=ctx)
+    chosen = backdoor or old_backdoor
+    if chosen is None:
+        raise click.MissingParameter(ctx=ctx, param_type="option", param_hint="'--backdoor'")
+    return chosen
+
+
+def run_stage_options(o: dict[str, Any]) -> tuple[dict[str, Any], ...]:
+    """`aabl run`'s options as each stage's keyword options: (common to scan and train, scan's, split's,
+    train's). A stage's own flags carry its name (--scan-epochs -> scan's `epochs`)."""
+    common = {k: o[k] for k in ("device", "cache_dir", "on_bad_file", "max_image_pixels", "image_size")}
+    shared = {"arch": o["arch"], "batch_size": o["batch_size"], "seed": o["seed"], "compile": o["compile"]}
+    scan = {"epochs": o["scan_epochs"], "lr": o["scan_lr"], "eps": o["scan_eps"], "step_size": o["scan_step_size"],
+            "steps": o["scan_steps"], "resume": "auto", **shared}
+    split = {k: o[k] for k in ("method", "fraction", "threshold", "min_isolated", "link", "fail_over",
+                               "fail_on_suspect")}
+    train = {"epochs": o["train_epochs"], "eps": o["train_eps"], "step_size": o["train_step_size"],
+             "steps": o["train_steps"], "adv_method": o["adv_method"], "lr": o["train_lr"], "momentum": o["momentum"],
+             "weight_decay": o["weight_decay"], "val": o["val"], "resume": "auto",
+             "milestones": parse_milestones(o["milestones"], o["train_epochs"]), **shared}
+    return common, scan, split, train

@@ -1,4 +1,4 @@
-"""What the benchmark scripts share: running the real CLI and naming the machine it ran on."""
+"""What the benchmark scripts share: running the real CLI, naming the machine it ran on, printing a table."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import os
 import platform
 import subprocess
 import sys
+from pathlib import Path
 
 
 def aabl(*args: object, threads: int | None = None) -> str:
@@ -28,3 +29,12 @@ def device_name(device: str) -> str:
     if device != "cpu" and torch.cuda.is_available():
         return torch.cuda.get_device_name()
     return f"CPU ({platform.machine()}, {os.cpu_count()} cores)"
+
+
+def publish(lines: list[str], md: Path | None) -> None:
+    """Print a Markdown table (its lines) and, with `md`, append it to that file."""
+    table = "\n".join(lines) + "\n"
+    print(table)
+    if md:
+        with open(md, "a") as fh:
+            fh.write("\n" + table)

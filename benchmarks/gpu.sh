@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
 # The GPU benchmarks, for a machine with a CUDA card:
 #   bash benchmarks/gpu.sh CIFAR10_ZIP SCRATCH speed [speed.py options]
-#   bash benchmarks/gpu.sh CIFAR10_ZIP SCRATCH attacks
+#   bash benchmarks/gpu.sh CIFAR10_ZIP SCRATCH backdoors
 #   bash benchmarks/gpu.sh CIFAR10_ZIP SCRATCH nccl
 # speed:   benchmarks/speed.py on a 25,000-image CIFAR-10 subset (25,000 images for the naive
 #          epoch and scoring, 10,000 for the AT epoch), appended to benchmarks/SPEED.md
-# attacks: benchmarks/attacks.py on a 10,000-image subset, appended to benchmarks/ATTACKS.md
+# backdoors: benchmarks/backdoors.py on a 10,000-image subset, appended to benchmarks/ATTACKS.md
 # nccl:    `aabl run` under torchrun with one process per GPU (the NCCL path) on a 2,000-image
 #          subset, one epoch per stage; prints the backend each stage recorded, then runs the
 #          CUDA-only tests
@@ -21,7 +21,7 @@ cd "$scratch"
 case $what in
   speed) python "$here/benchmarks/speed.py" c25k --device cuda --train-images 25000 --score-images 25000 \
            --at-images 10000 --workers 8 --cache-dir cache --md "$here/benchmarks/SPEED.md" "$@" ;;
-  attacks) python "$here/benchmarks/attacks.py" c10k cifar10/test --work attacks --device cuda \
+  backdoors|attacks) python "$here/benchmarks/backdoors.py" c10k cifar10/test --work backdoors --device cuda \
              --md "$here/benchmarks/ATTACKS.md" "$@" ;;
   nccl) [ -d c2k ] || python "$here/benchmarks/subset.py" cifar10/train c2k --size 2000 --seed 0
         rm -rf nccl-run

@@ -3,14 +3,14 @@
     python benchmarks/reproduce.py [--scale cpu|gpu] [--only cifar10/badnets,...] [--threads N]
         [--data ../shared/data] [--work scratch/reproduce] [--device auto] [--table-only]
 
-Each configuration (dataset, attack, and `aabl` = the three stages or `advtrain` = PGD
+Each configuration (dataset, backdoor, and `aabl` = the three stages or `advtrain` = PGD
 adversarial training on the whole poisoned set, no split) runs through the real CLI:
 
-    aabl poison TRAIN --attack A --out P/train ; aabl poison TEST --attack A --test --out P/test
+    aabl poison TRAIN --backdoor B --out P/train ; aabl poison TEST --backdoor B --test --out P/test
     aabl scan P/train --epochs 20 ; aabl split ; aabl train (PGD) ; aabl evaluate (ACC, RA, ASR)
 
 Every step is skipped when its output exists (an interrupted training resumes from its last
-epoch), and each configuration's numbers go to benchmarks/results/<scale>/<dataset>-<attack>-<mode>.json
+epoch), and each configuration's numbers go to benchmarks/results/<scale>/<dataset>-<backdoor>-<mode>.json
 as soon as it finishes; a rerun skips finished configurations. So the benchmark can run
 piece by piece, in the background, across sessions; results/ is committed. The tables in
 benchmarks/RESULTS.md (between its `tables` markers) are rewritten from all result files.
@@ -32,7 +32,11 @@ from pathlib import Path
 
 from cli_runner import aabl, device_name
 
-from aabl_cli.data import list_image_folder
+from aabl_cli.core.data import list_image_folder, peek_image_folder
+from aabl_cli.core.settings import same, settings_for, stale_reason
+from aabl_cli.core.workdir import Workdir, read_summary
+from aabl_cli.stages.scan import scan, scan_settings
+from aabl_cli.stages.train import train, train_settings
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
@@ -85,39 +89,58 @@ def settings(scale: str, dataset: str) -> dict:
     return {k: v[dataset] if isinstance(v, dict) else v for k, v in SCALES[scale].items()}
 
 
-# `aabl train`'s recorded setting -> the scale's; with the scan's, what a stored result must match
-TRAIN_SETTINGS = {"arch": "arch", "epochs": "train_epochs", "steps": "train_steps", "batch_size": "train_batch",
-                  "lr": "train_lr"}
-SCAN_SETTINGS = {"arch": "arch", "epochs": "scan_epochs"}
+# A result records the images it actually trained on under `train_images`, not the scale's request.
+MEASURED = ("train_images",)
+# Keys results of earlier versions wrote, and their names now.
+RENAMED = {"attack": "backdoor", "gamma": "kept_share"}
 
 
 def is_current(result: dict, scale: str) -> bool:
-    """Whether a stored result ran with the settings `scale` now gives its dataset."""
+    """Whether a stored result ran with every setting `scale` now gives its dataset."""
     wanted = settings(scale, result["dataset"])
-    return all(result.get(k) == wanted[k] for k in {*TRAIN_SETTINGS.values(), *SCAN_SETTINGS.values()})
+    return all(same(result.get(k), v) for k, v in wanted.items() if k not in MEASURED)
 
 
-def _settings_of(stage_json: Path) -> dict:
-    return json.loads(stage_json.read_text())["settings"]
+def load_result(path: Path) -> dict:
+    """A stored result, its keys as this version names them."""
+    stored = json.loads(path.read_text())
+    return {RENAMED.get(k, k): v for k, v in stored.items()}
 
 
-def _differs(ran: dict, scale: dict, keys: dict[str, str]) -> bool:
-    """Whether a stage's recorded settings `ran` differ from `scale`'s under `keys`."""
-    return any(ran[k] != scale[key] for k, key in keys.items())
+def scan_options(scale: dict, args: argparse.Namespace) -> dict:
+    """The options `aabl scan` runs with at `scale` (besides where and how: --device, --cache-dir, ...)."""
+    return {"arch": scale["arch"], "epochs": scale["scan_epochs"], "seed": int(args.seed)}
 
 
-def set_aside_stale_training(wd: Path, scale: dict) -> None:
-    """A finished training with other settings than `scale`'s is moved to `train-<N>ep` (N its
-    epochs, its evaluation beside it), so the configuration trains afresh and nothing measured is lost."""
-    done = wd / "train" / "train.json"
-    if not done.exists():
+def train_options(scale: dict, args: argparse.Namespace) -> dict:
+    """The options `aabl train` runs with at `scale`."""
+    return {"arch": scale["arch"], "epochs": scale["train_epochs"], "steps": scale["train_steps"],
+            "batch_size": scale["train_batch"], "lr": scale["train_lr"], "seed": int(args.seed)}
+
+
+def flags(options: dict) -> list:
+    """`options` as the command line's flags: {"batch_size": 64} -> ["--batch-size", 64]."""
+    return [item for name, value in options.items() for item in (f"--{name.replace('_', '-')}", value)]
+
+
+def stale(stage_json: Path, data: Path, stage, settings_of, options: dict) -> str | None:
+    """None when `stage_json` records what the stage would record for `options` on `data` (the stage's own
+    settings function, the same comparison as `aabl run`); else why it is stale."""
+    fingerprint, _, size = peek_image_folder(data)
+    wanted = settings_for(stage, settings_of, options, data=data, image_size=size, distributed={"world_size": 1})
+    return stale_reason(stage_json, wanted, fingerprint)
+
+
+def set_aside_stale_training(wd: Path, data: Path, options: dict) -> None:
+    """A finished training of `data` with other settings than `options` give is moved to `train-<N>ep`
+    (N its epochs, its evaluation beside it), so the configuration trains afresh and nothing measured is lost."""
+    done = Workdir(wd).train
+    if not done.json.exists() or stale(done.json, data, train, train_settings, options) is None:
         return
-    ran = _settings_of(done)
-    if not _differs(ran, scale, TRAIN_SETTINGS):
-        return
-    (wd / "train").rename(wd / f"train-{ran['epochs']}ep")
+    epochs = read_summary(done.json, "train")["settings"]["epochs"]
+    done.path.rename(wd / f"train-{epochs}ep")
     if (wd / "final-eval.json").exists():
-        (wd / "final-eval.json").rename(wd / f"final-eval-{ran['epochs']}ep.json")
+        (wd / "final-eval.json").rename(wd / f"final-eval-{epochs}ep.json")
 
 
 def prepare_data(dataset: str, args: argparse.Namespace, scale: dict) -> tuple[Path, Path]:
@@ -140,19 +163,20 @@ def prepare_data(dataset: str, args: argparse.Namespace, scale: dict) -> tuple[P
     return folders[0], folders[1]
 
 
-def poison(attack: str, train: Path, test: Path, base: Path, args: argparse.Namespace) -> tuple[Path, Path | None]:
+def poison(backdoor: str, train: Path, test: Path, base: Path,
+           args: argparse.Namespace) -> tuple[Path, Path | None]:
     """The poisoned training folder and its ASR set (`none`: the clean folder, no ASR set)."""
-    if attack == "none":
+    if backdoor == "none":
         return train, None
     common = ["--target", "0", "--seed", args.seed, "--device", args.device, "--cache-dir", args.work / "cache",
               "--quiet"]
     p_train, p_test = base / "poisoned-train", base / "poisoned-test"
     if not p_train.exists():  # poison writes to a temporary sibling, so an existing folder is complete
-        aabl("poison", train, "--attack", attack, "--out", p_train, "--preview", base / "preview.png", *common,
+        aabl("poison", train, "--backdoor", backdoor, "--out", p_train, "--preview", base / "preview.png", *common,
              threads=args.threads)
     if not p_test.exists():
-        trigger = ["--trigger", p_train / "trigger.safetensors"] if attack in ("iab", "ssba") else []
-        aabl("poison", test, "--attack", attack, "--test", "--out", p_test, *trigger, *common, threads=args.threads)
+        trigger = ["--trigger", p_train / "trigger.safetensors"] if backdoor in ("iab", "ssba") else []
+        aabl("poison", test, "--backdoor", backdoor, "--test", "--out", p_test, *trigger, *common, threads=args.threads)
     return p_train, p_test
 
 
@@ -166,52 +190,51 @@ def evaluate(model: Path, test: Path, poisoned: Path | None, out: Path, args: ar
     return json.loads(out.read_text())
 
 
-def run_config(dataset: str, attack: str, mode: str, args: argparse.Namespace, *,
+def run_config(dataset: str, backdoor: str, mode: str, args: argparse.Namespace, *,
                on_split: Callable[[dict], None] = lambda result: None) -> dict:
     """Run one configuration; `on_split` gets the numbers known after the split (Table 1's)."""
     scale = settings(args.scale, dataset)
-    train, test = prepare_data(dataset, args, scale)
-    base = args.work / args.scale / dataset / attack
+    train_data, test = prepare_data(dataset, args, scale)
+    base = args.work / args.scale / dataset / backdoor
     base.mkdir(parents=True, exist_ok=True)
-    p_train, p_test = poison(attack, train, test, base, args)
-    wd = base / mode
-    run = ["--arch", scale["arch"], "--seed", args.seed, "--device", args.device, "--cache-dir",
-           args.work / "cache", "--quiet", "--workdir", wd]
+    p_train, p_test = poison(backdoor, train_data, test, base, args)
+    wd = Workdir(base / mode)
+    run = ["--device", args.device, "--cache-dir", args.work / "cache", "--quiet", "--workdir", wd.root]
     seconds: dict[str, float] = {}
-    result: dict = {"dataset": dataset, "attack": attack, "category": CATEGORY[attack], "mode": mode,
+    result: dict = {"dataset": dataset, "backdoor": backdoor, "category": CATEGORY[backdoor], "mode": mode,
                     "scale": args.scale, **scale, "train_images": len(list_image_folder(p_train).files),
                     "seed": args.seed}
     if mode == "aabl":
-        if not (wd / "scan" / "scan.json").exists():
+        if not wd.scan.json.exists():
             t0 = time.perf_counter()
-            aabl("scan", p_train, "--epochs", scale["scan_epochs"], "--resume", *run, threads=args.threads)
+            aabl("scan", p_train, *flags(scan_options(scale, args)), "--resume", *run, threads=args.threads)
             seconds["scan"] = time.perf_counter() - t0
-        elif _differs(_settings_of(wd / "scan" / "scan.json"), scale, SCAN_SETTINGS):  # split and training stand on it
-            raise SystemExit(f"{wd / 'scan'} ran with other settings than the {args.scale} scale's; remove {wd} "
-                             "(or pass another --work) to run this configuration again")
-        if not (wd / "split" / "split.json").exists():
-            aabl("split", "--workdir", wd, "--quiet", threads=args.threads)
-        split = json.loads((wd / "split" / "split.json").read_text())
+        elif why := stale(wd.scan.json, p_train, scan, scan_settings, scan_options(scale, args)):
+            # split and training stand on the scan: it is not reused under other settings' name
+            raise SystemExit(f"{wd.scan.path} ran with other settings than the {args.scale} scale's; remove "
+                             f"{wd.root} (or pass another --work) to run this configuration again ({why})")
+        if not wd.split.json.exists():
+            aabl("split", "--workdir", wd.root, "--quiet", threads=args.threads)
+        split = wd.read("split")
         truth = split.get("ground_truth") or {}
-        naive = evaluate(wd / "scan" / "model.safetensors", test, p_test, wd / "naive-eval.json", args, robust=False)
-        result.update(gamma=split["gamma"], rho_vul=truth.get("rho_vul"), recall=truth.get("recall"),
+        naive = evaluate(wd.scan.model, test, p_test, wd.root / "naive-eval.json", args, robust=False)
+        result.update(kept_share=split["kept_share"], rho_vul=truth.get("rho_vul"), recall=truth.get("recall"),
                       precision=truth.get("precision"), verdict=split["verdict"],
                       suspected_class=split.get("suspected_class"), naive_acc=naive["acc"],
                       naive_asr=naive.get("asr"), naive_target_rate=naive.get("target_rate"))
         on_split({**result, "seconds": dict(seconds), "finished": False})
-        train_data = wd / "split" / "kept"
+        kept = wd.split.kept
     else:
-        train_data = p_train
-    set_aside_stale_training(wd, scale)
-    if not (wd / "train" / "train.json").exists():
+        kept = p_train
+    set_aside_stale_training(wd.root, kept, train_options(scale, args))
+    if not wd.train.json.exists():
         t0 = time.perf_counter()
-        aabl("train", train_data, "--epochs", scale["train_epochs"], "--steps", scale["train_steps"],
-             "--batch-size", scale["train_batch"], "--lr", scale["train_lr"], "--resume", *run, threads=args.threads)
+        aabl("train", kept, *flags(train_options(scale, args)), "--resume", *run, threads=args.threads)
         seconds["train"] = time.perf_counter() - t0
     else:  # trained by an earlier run (or by hand, with the same command): its own time
-        seconds["train"] = json.loads((wd / "train" / "train.json").read_text())["seconds"]
-    history = (wd / "train" / "history.csv").read_text().splitlines()
-    final = evaluate(wd / "train" / "model.safetensors", test, p_test, wd / "final-eval.json", args, robust=True)
+        seconds["train"] = wd.read("train")["seconds"]["total"]
+    history = wd.train.history.read_text().splitlines()
+    final = evaluate(wd.train.model, test, p_test, wd.root / "final-eval.json", args, robust=True)
     result.update(acc=final["acc"], ra=final["ra"], asr=final.get("asr"), target_rate=final.get("target_rate"),
                   train_history=history, seconds=seconds, device=device_name(args.device), torch=_torch_version(),
                   threads=args.threads, date=datetime.date.today().isoformat(), finished=True)
@@ -234,35 +257,35 @@ def _paper(value: float | None) -> str:
 
 def render(scale: str) -> str:
     """The Markdown tables of every finished configuration at `scale`."""
-    every = [json.loads(p.read_text()) for p in sorted((RESULTS / scale).glob("*.json"))]
-    # shown by dataset, method, then category (clean, A, B) in the paper's order of attacks
-    attacks = list(CATEGORY)
-    every.sort(key=lambda r: (list(ZIPS).index(r["dataset"]), r["mode"] != "aabl", attacks.index(r["attack"])))
+    every = [load_result(p) for p in sorted((RESULTS / scale).glob("*.json"))]
+    # shown by dataset, method, then category (clean, A, B) in the paper's order of backdoors
+    backdoors = list(CATEGORY)
+    every.sort(key=lambda r: (list(ZIPS).index(r["dataset"]), r["mode"] != "aabl", backdoors.index(r["backdoor"])))
     aabl_rows = [r for r in every if r["mode"] == "aabl"]  # split numbers exist before training ends
     rows = [r for r in every if r.get("finished")]
     lines = [f"### Scale `{scale}`: {len(rows)} of {len(CONFIGS)} configurations finished", "",
              "**Splitting (Table 1)**, ours beside the paper's (ResNet-18, whole sets); recall = share of the poison "
              "isolated; naive = the scan's model (20 epochs, no defence); target rate = clean non-target test "
              "images classified as the target, ASR's baseline without a trigger.", "",
-             "| data | attack | cat. | gamma | rho_vul | recall | verdict | naive ACC | naive ASR "
+             "| data | backdoor | cat. | gamma | rho_vul | recall | verdict | naive ACC | naive ASR "
              "| naive target rate | paper gamma | paper rho_vul |",
              "| --- | --- | --- | ---: | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: |"]
     for r in aabl_rows:
-        g, rv = PAPER_SPLIT.get(r["dataset"], {}).get(r["attack"], (None, None))
-        lines.append(f"| {r['dataset']} | {r['attack']} | {r['category']} | {_pct(r['gamma'])} | "
+        g, rv = PAPER_SPLIT.get(r["dataset"], {}).get(r["backdoor"], (None, None))
+        lines.append(f"| {r['dataset']} | {r['backdoor']} | {r['category']} | {_pct(r['kept_share'])} | "
                      f"{_pct(r['rho_vul'], 2)} | {_pct(r['recall'])} | {r['verdict']} | {_pct(r['naive_acc'])} | "
                      f"{_pct(r['naive_asr'])} | {_pct(r.get('naive_target_rate'))} | {_paper(g)} | {_paper(rv)} |")
     lines += ["", "**Final models (Table 3)**: A-ABL = split + PGD-AT on the kept set; Adv. Train = PGD-AT on the "
               "whole poisoned set. RA under PGD-10 (8/255, step 2/255); ASR on the non-target test images, "
               "triggered.", "",
-              "| data | attack | method | ACC | RA | ASR | target rate | paper ACC | paper RA | paper ASR "
+              "| data | backdoor | method | ACC | RA | ASR | target rate | paper ACC | paper RA | paper ASR "
               "| epochs | train (min) |",
               "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for r in rows:
-        paper = (PAPER_AABL if r["mode"] == "aabl" else PAPER_ADVTRAIN).get(r["dataset"], {}).get(r["attack"])
+        paper = (PAPER_AABL if r["mode"] == "aabl" else PAPER_ADVTRAIN).get(r["dataset"], {}).get(r["backdoor"])
         acc, asr, ra = paper or (None, None, None)
         minutes = r["seconds"].get("train")
-        lines.append(f"| {r['dataset']} | {r['attack']} | {'A-ABL' if r['mode'] == 'aabl' else 'Adv. Train'} | "
+        lines.append(f"| {r['dataset']} | {r['backdoor']} | {'A-ABL' if r['mode'] == 'aabl' else 'Adv. Train'} | "
                      f"{_pct(r['acc'])} | {_pct(r['ra'])} | {_pct(r['asr'])} | {_pct(r.get('target_rate'))} | "
                      f"{_paper(acc)} | {_paper(ra)} | "
                      f"{_paper(asr)} | {r['train_epochs']} | {'-' if minutes is None else f'{minutes / 60:.0f}'} |")
@@ -272,13 +295,14 @@ def render(scale: str) -> str:
                   f"PGD-{first['train_steps']} adversarial training for the epochs shown (SGD, batch "
                   f"{first['train_batch']}, lr {first.get('train_lr', '?')}), seed {first['seed']}; "
                   f"device {first['device']}, torch {first['torch']}."]
-    done = {(r["dataset"], r["attack"], r["mode"]) for r in rows}
+    done = {(r["dataset"], r["backdoor"], r["mode"]) for r in rows}
     missing = [f"{d}/{a}/{m}" for d, a, m in CONFIGS if (d, a, m) not in done]
     if missing:
         lines += ["", f"Not yet run at this scale: {', '.join(missing)}."]
-    stale = [f"{r['dataset']}/{r['attack']}/{r['mode']}" for r in rows if not is_current(r, scale)]
-    if stale:
-        lines += ["", f"Ran with settings this scale no longer gives (a rerun trains them again): {', '.join(stale)}."]
+    outdated = [f"{r['dataset']}/{r['backdoor']}/{r['mode']}" for r in rows if not is_current(r, scale)]
+    if outdated:
+        lines += ["", "Ran with settings this scale no longer gives (a rerun trains them again): "
+                  f"{', '.join(outdated)}."]
     return "\n".join(lines) + "\n"
 
 
@@ -300,7 +324,7 @@ def write_markdown(path: Path, scales: list[str]) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--scale", choices=sorted(SCALES), default="cpu")
-    parser.add_argument("--only", default="", help="comma-separated DATASET/ATTACK[/MODE] (MODE aabl by default)")
+    parser.add_argument("--only", default="", help="comma-separated DATASET/BACKDOOR[/MODE] (MODE aabl by default)")
     parser.add_argument("--data", type=Path, default=HERE.parent.parent / "shared" / "data")
     parser.add_argument("--work", type=Path, default=HERE.parent / "scratch" / "reproduce")
     parser.add_argument("--device", default="auto")
@@ -318,17 +342,17 @@ def main() -> None:
         configs = [c for c in wanted if c in CONFIGS] + [c for c in wanted if c not in CONFIGS]
     out_dir = RESULTS / args.scale
     out_dir.mkdir(parents=True, exist_ok=True)
-    for dataset, attack, mode in [] if args.table_only else configs:
-        store = out_dir / f"{dataset}-{attack}-{mode}.json"
-        stored = json.loads(store.read_text()) if store.exists() else {}
+    for dataset, backdoor, mode in [] if args.table_only else configs:
+        store = out_dir / f"{dataset}-{backdoor}-{mode}.json"
+        stored = load_result(store) if store.exists() else {}
         if stored.get("finished") and is_current(stored, args.scale):
-            if args.refresh and (args.work / args.scale / dataset / attack / mode / "train" / "train.json").exists():
-                fresh = run_config(dataset, attack, mode, args)
+            if args.refresh and Workdir(args.work / args.scale / dataset / backdoor / mode).train.json.exists():
+                fresh = run_config(dataset, backdoor, mode, args)
                 store.write_text(json.dumps(refreshed(stored, fresh), indent=2) + "\n")
-                print(f"{dataset}/{attack}/{mode} refreshed", flush=True)
+                print(f"{dataset}/{backdoor}/{mode} refreshed", flush=True)
             continue
         again = " (ran with other settings: again)" if stored.get("finished") else ""
-        print(f"{dataset}/{attack}/{mode} ...{again}", flush=True)
+        print(f"{dataset}/{backdoor}/{mode} ...{again}", flush=True)
 
         def save(result: dict, store: Path = store) -> None:
             tmp = store.with_suffix(".tmp")
@@ -337,7 +361,7 @@ def main() -> None:
             write_markdown(args.md, sorted(SCALES))
 
         t0 = time.perf_counter()
-        result = run_config(dataset, attack, mode, args, on_split=save)
+        result = run_config(dataset, backdoor, mode, args, on_split=save)
         result["seconds"]["total"] = time.perf_counter() - t0
         save(result)
         print(json.dumps({k: v for k, v in result.items() if k != "train_history"}), flush=True)

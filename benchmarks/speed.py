@@ -8,7 +8,7 @@ initial weights, it times
   - a naive training epoch (Adam, crop + flip, batch 128),
   - the iFGSM scoring pass (eps 2/255, 5 steps, then SCE on the clean and attacked image),
   - a PGD-10 adversarial-training epoch (eps 8/255, step 2/255, SGD, batch 128),
-once through aabl (`train.fit`, `scan.score_samples`) and once through the baseline:
+once through aabl (`core.loop.fit`, `stages.scan.score_samples`) and once through the baseline:
 torchvision `ImageFolder` + `DataLoader` with PIL transforms, float32, and the PGD loop of
 torchattacks' shape (a fresh autograd graph per step, clamp to the eps ball and to [0, 1]).
 Each side runs in its own subprocess, so its peak host memory (and GPU memory) is its own.
@@ -23,12 +23,12 @@ import platform
 import resource
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from cli_runner import publish
 
 BATCH = 128
 PHASES = ("naive training epoch", "scoring pass", "PGD-10 AT epoch")
@@ -39,7 +39,7 @@ def _subset(n_total: int, n: int, seed: int) -> list[int]:
 
 
 def _model(arch: str, num_classes: int, image_size: int, device: torch.device) -> torch.nn.Module:
-    from aabl_cli.models import build_model
+    from aabl_cli.core.models import build_model
 
     torch.manual_seed(0)
     model = build_model(arch, num_classes=num_classes, image_size=image_size)
@@ -83,16 +83,15 @@ def _conv_share(run) -> float:
 
 
 def run_ours(args: argparse.Namespace, device: torch.device) -> dict[str, float]:
-    from aabl_cli.data import load_image_folder
-    from aabl_cli.device import prepare_model
-    from aabl_cli.evaluate import Threat
-    from aabl_cli.scan import score_samples
-    from aabl_cli.train import LoopSettings, fit
+    from aabl_cli.core.attacks import Threat
+    from aabl_cli.core.data import load_image_folder
+    from aabl_cli.core.device import prepare_model
+    from aabl_cli.core.loop import fit, step_schedule
+    from aabl_cli.stages.scan import score_samples
 
     data = load_image_folder(args.data, cache_dir=args.cache_dir, quiet=True)
     classes, size = len(data.classes), data.image_size[0]
     results = {}
-    tmp = Path(tempfile.mkdtemp(prefix="aabl-speed-"))
 
     def epoch(indices: list[int], threat: Threat | None, optimizer_name: str) -> float:
         model = prepare_model(_model(args.arch, classes, size, device), device)
@@ -101,12 +100,10 @@ def run_ours(args: argparse.Namespace, device: torch.device) -> dict[str, float]
         else:
             optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
         images, labels = data.images[indices].to(device), data.labels[indices].to(device)
-        settings = LoopSettings(epochs=_epochs(device), batch_size=BATCH, threat=threat, milestones=[],
-                                lr=optimizer.param_groups[0]["lr"], compile=args.side == "compiled")
         _sync(device)
-        history = fit(model, images, labels, optimizer=optimizer, settings=settings, device=device, seed=0,
-                      partial_dir=tmp, resume=False, save_checkpoint=lambda path, ep: None, resume_key={},
-                      desc="speed", quiet=True)
+        history = fit(model, images, labels, optimizer=optimizer, epochs=_epochs(device), batch_size=BATCH,
+                      schedule=step_schedule(optimizer.param_groups[0]["lr"]), threat=threat, device=device, seed=0,
+                      compile=args.side == "compiled", desc="speed", quiet=True)
         _sync(device)
         return history[-1]["images_per_s"]
 
@@ -134,7 +131,7 @@ def run_ours(args: argparse.Namespace, device: torch.device) -> dict[str, float]
 # ---------------------------------------------------------------- baseline
 
 
-def _baseline_pgd(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, *, eps: float, alpha: float,
+def _baseline_pgd(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, *, eps: float, step_size: float,
                   steps: int, random_start: bool) -> torch.Tensor:
     """The usual PGD loop: mean cross-entropy, a fresh graph per step, clamps on the image."""
     images = images.clone().detach()
@@ -145,7 +142,7 @@ def _baseline_pgd(model: torch.nn.Module, images: torch.Tensor, labels: torch.Te
         adv.requires_grad = True
         cost = F.cross_entropy(model(adv), labels)
         grad = torch.autograd.grad(cost, adv)[0]
-        adv = adv.detach() + alpha * grad.sign()
+        adv = adv.detach() + step_size * grad.sign()
         adv = (images + (adv - images).clamp(-eps, eps)).clamp(0, 1).detach()
     return adv
 
@@ -155,7 +152,7 @@ def run_baseline(args: argparse.Namespace, device: torch.device) -> dict[str, fl
     from torch.utils.data import DataLoader, Subset
     from torchvision import transforms
 
-    from aabl_cli.losses import sce
+    from aabl_cli.core.losses import sce
 
     plain = torchvision.datasets.ImageFolder(args.data, transform=transforms.ToTensor())
     size = plain[0][0].shape[-1]
@@ -183,7 +180,7 @@ def run_baseline(args: argparse.Namespace, device: torch.device) -> dict[str, fl
                 x, y = x.to(device), y.to(device)
                 if adversarial:
                     model.eval()
-                    x = _baseline_pgd(model, x, y, eps=8 / 255, alpha=2 / 255, steps=10, random_start=True)
+                    x = _baseline_pgd(model, x, y, eps=8 / 255, step_size=2 / 255, steps=10, random_start=True)
                 model.train()
                 loss = F.cross_entropy(model(x), y)
                 optimizer.zero_grad()
@@ -199,13 +196,14 @@ def run_baseline(args: argparse.Namespace, device: torch.device) -> dict[str, fl
     indices = _subset(n, args.score_images, 2)
     if device.type == "cuda":  # warm-up, as on our side
         for x, y in loader(plain, indices[:2 * BATCH], shuffle=False):
-            _baseline_pgd(model, x.to(device), y.to(device), eps=2 / 255, alpha=2 / 255, steps=5, random_start=False)
+            _baseline_pgd(model, x.to(device), y.to(device), eps=2 / 255, step_size=2 / 255, steps=5,
+                          random_start=False)
     _sync(device)
     t0 = time.perf_counter()
     scores = []
     for x, y in loader(plain, indices, shuffle=False):
         x, y = x.to(device), y.to(device)
-        x_adv = _baseline_pgd(model, x, y, eps=2 / 255, alpha=2 / 255, steps=5, random_start=False)
+        x_adv = _baseline_pgd(model, x, y, eps=2 / 255, step_size=2 / 255, steps=5, random_start=False)
         with torch.no_grad():
             scores.append(sce(model(x_adv), y).cpu())
             scores.append(sce(model(x), y).cpu())
@@ -222,7 +220,7 @@ def run_baseline(args: argparse.Namespace, device: torch.device) -> dict[str, fl
 
 
 def _side(args: argparse.Namespace) -> None:
-    from aabl_cli.device import resolve_device
+    from aabl_cli.core.device import resolve_device
 
     device = resolve_device(args.device)
     run = run_baseline if args.side == "baseline" else run_ours
@@ -291,11 +289,7 @@ def main() -> None:
     if "conv share (AT)" in ours:
         lines.append(f"| time in convolution kernels (AT, profiled) | {base['conv share (AT)']:.0%} | "
                      f"{ours['conv share (AT)']:.0%} | |")
-    table = "\n".join(lines) + "\n"
-    print(table)
-    if args.md:
-        with open(args.md, "a") as fh:
-            fh.write("\n" + table)
+    publish(lines, args.md)
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ import random
 import shutil
 from pathlib import Path
 
-from aabl_cli.data import list_image_folder
+from aabl_cli.core.data import list_image_folder
 
 
 def main() -> None:

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import argparse
 
-from aabl_cli.scan import scan
-from aabl_cli.split import describe, split
-from aabl_cli.train import train
+from aabl_cli.core.workdir import Workdir
+from aabl_cli.stages.scan import scan
+from aabl_cli.stages.split import describe, split
+from aabl_cli.stages.train import train
 
 
 def main() -> None:
@@ -23,11 +24,11 @@ def main() -> None:
     args = parser.parse_args()
 
     scanned = scan(args.data, workdir=args.workdir, arch=args.arch, epochs=args.epochs)
-    print(f"naive model: {scanned['clean_acc']:.1%} clean, {scanned['adv_acc']:.1%} under iFGSM")
+    print(f"naive model: {scanned['acc']:.1%} clean, {scanned['ra']:.1%} under iFGSM")
     summary = split(workdir=args.workdir)  # Otsu with the 10 % floor
     print(describe(summary))
     trained = train(workdir=args.workdir, arch=args.arch, epochs=args.epochs, eps=8 / 255)
-    print(f"robust model: train accuracy {trained['final']['train_acc']:.1%} -> {args.workdir}/train/")
+    print(f"robust model: train accuracy {trained['final']['train_acc']:.1%} -> {Workdir(args.workdir).train.path}/")
 
 
 if __name__ == "__main__":

@@ -1,7 +1,9 @@
-"""Shared fixtures: tiny learnable image folders, a tree hash, and a hand-made scan."""
+"""Shared fixtures and helpers: tiny learnable image folders, a tree hash, a hand-made scan, a model whose
+every answer is known, and hooks that stop or count the training loop."""
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import hashlib
 import json
@@ -12,6 +14,10 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from torch import nn
+
+import aabl_cli.core.loop as loop_mod
+import aabl_cli.core.resume as resume_mod
 
 # One intra-op thread: on a small, busy CPU two spinning threads make the tiny models here
 # 10-30x slower, and a fixed thread count keeps the bit-for-bit checks meaningful.
@@ -62,7 +68,7 @@ def tree_hash(path: Path) -> str:
 def write_fake_scan(workdir: Path, data: Path, scores: list[float] | np.ndarray) -> Path:
     """Write `workdir/scan/{scores.csv, scan.json}` for `data` with the given scores, as `aabl scan`
     would, without training anything. Returns the scores.csv path."""
-    from aabl_cli.data import dataset_fingerprint, list_image_folder
+    from aabl_cli.core.data import dataset_fingerprint, list_image_folder
 
     listing = list_image_folder(data)
     paths = [rel for rel, _ in listing.files]
@@ -75,7 +81,7 @@ def write_fake_scan(workdir: Path, data: Path, scores: list[float] | np.ndarray)
                          "pred_adv"])
         for i, ((rel, label), score) in enumerate(zip(listing.files, scores)):
             writer.writerow([i, rel, label, listing.classes[label], f"{float(score):.9g}", 0.0, 0.0, label, label])
-    scan = {"stage": "scan", "dataset_root": str(Path(data).resolve()),
+    scan = {"stage": "scan", "data": str(Path(data).resolve()),
             "dataset_fingerprint": dataset_fingerprint(Path(data), paths), "classes": listing.classes,
             "samples": len(paths), "skipped": []}
     (scan_dir / "scan.json").write_text(json.dumps(scan))
@@ -97,6 +103,22 @@ def cache_dir(tmp_path: Path) -> Path:
 def _no_home_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
     """Belt and braces: a test that forgets --cache-dir still never writes to ~/.cache."""
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path_factory.mktemp("xdg-cache")))
+
+
+def invoke(*args: object):
+    """The `aabl` command line, in-process, on arguments of any type (paths, numbers)."""
+    from click.testing import CliRunner
+
+    from aabl_cli.cli import cli
+
+    return CliRunner().invoke(cli, [str(a) for a in args])
+
+
+def csv_rows(path: Path) -> tuple[list[str], list[list[str]]]:
+    """A CSV file's header and rows."""
+    with open(path, newline="") as fh:
+        rows = list(csv.reader(fh))
+    return rows[0], rows[1:]
 
 
 def read_rows(out: Path) -> list[dict[str, str]]:
@@ -123,3 +145,57 @@ shutil.copyfile = slow
 from aabl_cli.cli import cli
 cli(sys.argv[1:], prog_name="aabl")
 """
+
+
+# ---------------------------------------------------------------- a model whose every answer is known
+
+
+class Threshold(nn.Module):
+    """Class 1 iff the first pixel's red value is above T; `linear` gives PGD a gradient to follow,
+    otherwise the model is a step with zero gradient and only PGD's random start can fool it."""
+
+    T = 127.5 / 255
+
+    def __init__(self, linear: bool) -> None:
+        super().__init__()
+        self.linear = linear
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        p = x[:, 0, 0, 0]
+        margin = 50 * (p - self.T) if self.linear else (p > self.T).float() * 2 - 1 + 0 * p
+        return torch.stack([torch.zeros_like(margin), margin], dim=1)
+
+
+def grey(values: list[int], side: int = 2) -> torch.Tensor:
+    return torch.tensor(values, dtype=torch.uint8)[:, None, None, None].expand(-1, 3, side, side).contiguous()
+
+
+# ---------------------------------------------------------------- stopping and counting the training loop
+
+
+def count_epochs(monkeypatch) -> list[int]:
+    """Record every training epoch the loop runs from now on."""
+    calls: list[int] = []
+    real = loop_mod._train_epoch
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(loop_mod, "_train_epoch", counting)
+    return calls
+
+
+@contextlib.contextmanager
+def interrupted_after_first_epoch(monkeypatch):
+    """Ctrl-C right after epoch 1's model, state and history are saved; the patch is undone on exit."""
+    real = resume_mod.write_history
+
+    def interrupt(path, rows):
+        real(path, rows)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(resume_mod, "write_history", interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        yield
+    monkeypatch.setattr(resume_mod, "write_history", real)

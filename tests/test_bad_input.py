@@ -41,12 +41,12 @@ from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from aabl_cli.checkpoint import save_model
 from aabl_cli.cli import cli
-from aabl_cli.data import list_image_folder, write_image_folder
-from aabl_cli.errors import AablError
-from aabl_cli.fsutil import safe_relative
-from aabl_cli.models import build_model
+from aabl_cli.core.checkpoint import save_model
+from aabl_cli.core.data import list_image_folder
+from aabl_cli.core.errors import AablError
+from aabl_cli.core.fsutil import safe_relative, write_image_folder
+from aabl_cli.core.models import build_model
 
 SKIP_HINT = "--on-bad-file skip"
 
@@ -106,7 +106,7 @@ def evaluate_args(env: Env, model: Path, folder: Path, *extra: object) -> list[s
 
 
 def poison_args(env: Env, src: Path, *extra: object) -> list[str]:
-    return [str(a) for a in ("poison", src, "--attack", "badnets", "--out", env.work / "poisoned", "--quiet", *extra)]
+    return [str(a) for a in ("poison", src, "--backdoor", "badnets", "--out", env.work / "poisoned", "--quiet", *extra)]
 
 
 def rgb(path: Path, size: tuple[int, int] = (16, 16), seed: int = 0) -> Path:
@@ -363,7 +363,7 @@ def evaluate_out_inside_test(env: Env) -> list[str]:
 
 def poison_out_inside_src(env: Env) -> list[str]:
     root = data(env)
-    return [str(a) for a in ("poison", root, "--attack", "badnets", "--out", root / "class_0" / "p", "--quiet")]
+    return [str(a) for a in ("poison", root, "--backdoor", "badnets", "--out", root / "class_0" / "p", "--quiet")]
 
 
 def poison_bad_image(env: Env) -> list[str]:
@@ -463,7 +463,7 @@ def escaping_paths(rel: str) -> Build:
     """A crafted scan whose rows name `rel` (leaving the dataset) with a matching fingerprint: the
     writer of kept/ and isolated/ must refuse it rather than write outside its output folder."""
     def build(env: Env) -> list[str]:
-        from aabl_cli.data import dataset_fingerprint
+        from aabl_cli.core.data import dataset_fingerprint
 
         root = data(env, classes=2, per_class=2)
         rgb(env.inp / "outside.png", seed=4)
@@ -490,7 +490,7 @@ def checkpoint(env: Env, root: Path, **overrides: object) -> Path:
     torch.manual_seed(0)
     model = build_model("cnn", num_classes=len(classes), image_size=16)
     path = env.inp / "model.safetensors"
-    kwargs: dict = dict(arch="cnn", classes=classes, image_size=(16, 16), stage="scan", adv_eps=0.0, epochs=0,
+    kwargs: dict = dict(arch="cnn", classes=classes, image_size=(16, 16), stage="scan", eps=0.0, epochs=0,
                         seed=0, dataset_fingerprint="0" * 64)
     kwargs.update(overrides)
     save_model(path, model, **kwargs)
@@ -538,7 +538,7 @@ CHECKPOINTS: dict[str, tuple[Callable[[Path, Path], None], int, tuple[str, ...] 
     "other_classes": (lambda p, root: tamper(p, meta={"classes": json.dumps(["x", "y"])}), 2, OTHER_CLASSES),
     "other_class_count": (lambda p, root: save_model(p, build_model("cnn", num_classes=3, image_size=16),
                                                      arch="cnn", classes=["a", "b", "c"], image_size=(16, 16),
-                                                     stage="train", adv_eps=0.0, epochs=1, seed=0,
+                                                     stage="train", eps=0.0, epochs=1, seed=0,
                                                      dataset_fingerprint="0" * 64), 2, OTHER_CLASSES),
     "class_count_disagrees_with_tensors": (
         lambda p, root: tamper(p, meta={"num_classes": "3", "classes": '["class_0", "class_1", "class_2"]'}), 2,
@@ -686,11 +686,11 @@ def split_copies(env: Env) -> None:
     assert files and not any(p.is_symlink() for p in files)
     rels = sorted(p.relative_to(tree).as_posix() for tree in trees for p in tree.rglob("*") if not p.is_dir())
     scan = json.loads((env.inp / "prev" / "scan" / "scan.json").read_text())
-    assert rels == sorted(list_image_folder(scan["dataset_root"]).files[i][0] for i in range(scan["samples"]))
+    assert rels == sorted(list_image_folder(scan["data"]).files[i][0] for i in range(scan["samples"]))
     for tree in trees:
         for p in tree.rglob("*"):
             if p.is_file():
-                assert p.read_bytes() == (Path(scan["dataset_root"]) / p.relative_to(tree)).read_bytes()
+                assert p.read_bytes() == (Path(scan["data"]) / p.relative_to(tree)).read_bytes()
 
 
 def poisoned_long_name(env: Env) -> None:
@@ -711,6 +711,7 @@ def no_cache_files(env: Env) -> None:
 # ---------------------------------------------------------------- the table
 
 NO_SPACE = ("No space left on device", "free some space")
+SAVE_FILE = "aabl_cli.core.checkpoint.save_file"  # what writes every checkpoint
 
 CASES: list[Case] = [
     # images
@@ -807,8 +808,8 @@ CASES: list[Case] = [
     # environment faults
     Case("read-only-workdir-scan", trained_scan, 1, ("Permission denied", "writable"), patch=read_only),
     Case("read-only-workdir-split", split_of, 1, ("Permission denied", "writable"), patch=read_only),
-    Case("full-disk-scan-checkpoint", trained_scan, 1, NO_SPACE, patch=full_disk("aabl_cli.checkpoint.save_file")),
-    Case("full-disk-train-checkpoint", train_option(), 1, NO_SPACE, patch=full_disk("aabl_cli.checkpoint.save_file")),
+    Case("full-disk-scan-checkpoint", trained_scan, 1, NO_SPACE, patch=full_disk(SAVE_FILE)),
+    Case("full-disk-train-checkpoint", train_option(), 1, NO_SPACE, patch=full_disk(SAVE_FILE)),
     Case("full-disk-split-copy", split_of, 1, NO_SPACE, patch=full_disk("shutil.copyfile")),
     Case("full-disk-poison-copy", poison_train, 1, NO_SPACE, patch=full_disk("shutil.copyfile")),
     Case("full-disk-evaluate-out", evaluate_out, 1, NO_SPACE, patch=write_text_full),

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 import json
 import os
 import shutil
@@ -12,26 +11,14 @@ from pathlib import Path
 
 import click
 import pytest
-from click.testing import CliRunner
-from conftest import make_folder, tree_hash
+from conftest import csv_rows, invoke, make_folder, tree_hash
 from safetensors import safe_open
 
-import aabl_cli.scan as scan_mod
-import aabl_cli.split as split_mod
+import aabl_cli.stages.split as split_mod
 from aabl_cli.cli import cli
 from aabl_cli.options import BUDGET, SHARE
 
 SCORE_COLUMNS = ["index", "path", "label", "class", "score", "ce_adv", "loss_clean", "pred_clean", "pred_adv"]
-
-
-def invoke(*args: str):
-    return CliRunner().invoke(cli, [str(a) for a in args])
-
-
-def _rows(path: Path) -> tuple[list[str], list[list[str]]]:
-    with open(path, newline="") as fh:
-        rows = list(csv.reader(fh))
-    return rows[0], rows[1:]
 
 
 def _meta(path: Path) -> dict[str, str]:
@@ -148,18 +135,6 @@ def test_bad_data_exits_2_naming_the_problem_without_traceback(tmp_path, setup):
     assert tree_hash(data) == before
 
 
-def test_skip_bad_files_lists_them(tmp_path):
-    data = make_folder(tmp_path / "data", classes=2, per_class=4)
-    (data / "class_1" / "broken.png").write_text("not an image")
-    result = invoke("scan", data, "--arch", "cnn", "--epochs", "0", "--workdir", tmp_path / "w", "--cache-dir",
-                    tmp_path / "c", "--device", "cpu", "--on-bad-file", "skip", "--quiet", "--json")
-    assert result.exit_code == 0, result.output
-    summary = json.loads(result.stdout)
-    assert summary["samples"] == 8
-    assert [s["path"] for s in summary["skipped"]] == ["class_1/broken.png"]
-    assert len(_rows(tmp_path / "w" / "scan" / "scores.csv")[1]) == 8
-
-
 def test_unknown_device_exits_2(tiny_data, tmp_path):
     result = invoke("scan", tiny_data, "--device", "tpu9", "--workdir", tmp_path / "w", "--cache-dir", tmp_path / "c")
     assert result.exit_code == 2, result.output
@@ -244,7 +219,7 @@ def test_chain_exits_0_and_leaves_the_source_alone(chain):
 def test_chain_scan_outputs(chain):
     out = chain["out"] / "scan"
     assert {"scores.csv", "scan.json", "model.safetensors", "scores.png"} <= {p.name for p in out.iterdir()}
-    header, rows = _rows(out / "scores.csv")
+    header, rows = csv_rows(out / "scores.csv")
     assert header == SCORE_COLUMNS
     assert len(rows) == 42
     assert [int(r[0]) for r in rows] == list(range(42))
@@ -254,12 +229,12 @@ def test_chain_scan_outputs(chain):
         assert float(r[4]) >= 0 and float(r[5]) >= 0 and float(r[6]) >= 0
         assert r[7] in {"0", "1", "2"} and r[8] in {"0", "1", "2"}
     scan = json.loads((out / "scan.json").read_text())
-    assert Path(scan["dataset_root"]) == chain["data"].resolve()
+    assert Path(scan["data"]) == chain["data"].resolve()
     assert scan["samples"] == 42 and scan["classes"] == ["class_0", "class_1", "class_2"]
     assert scan["settings"]["eps"] == pytest.approx(2 / 255) and scan["settings"]["steps"] == 5
     assert len(scan["dataset_fingerprint"]) == 64
     meta = _meta(out / "model.safetensors")
-    assert meta["stage"] == "scan" and meta["arch"] == "cnn" and float(meta["adv_eps"]) == 0.0
+    assert meta["stage"] == "scan" and meta["arch"] == "cnn" and float(meta["eps"]) == 0.0
     assert meta["dataset_fingerprint"] == scan["dataset_fingerprint"]
     assert (out / "scores.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "scanned 42 images" in chain["results"]["scan"].stdout
@@ -267,7 +242,7 @@ def test_chain_scan_outputs(chain):
 
 def test_chain_split_outputs(chain):
     out = chain["out"] / "split"
-    header, rows = _rows(out / "split.csv")
+    header, rows = csv_rows(out / "split.csv")
     assert header == ["index", "path", "label", "score", "kept"]
     assert len(rows) == 42
     for tree in ("kept", "isolated"):
@@ -281,7 +256,7 @@ def test_chain_split_outputs(chain):
     assert max(isolated_scores) <= min(float(r[3]) for r in rows if r[4] == "1")
     summary = json.loads((out / "split.json").read_text())
     assert summary["kept"] == len(kept) and summary["isolated"] == len(isolated)
-    assert summary["settings"]["method"] == "quantile" and summary["gamma"] == pytest.approx(38 / 42)
+    assert summary["settings"]["method"] == "quantile" and summary["kept_share"] == pytest.approx(38 / 42)
     assert summary["verdict"] in {"backdoor suspected", "no backdoor evidence"}
     assert "verdict:" in chain["results"]["split"].stdout
 
@@ -289,7 +264,7 @@ def test_chain_split_outputs(chain):
 def test_chain_train_outputs(chain):
     out = chain["out"] / "train"
     assert {"model.safetensors", "train.json", "history.csv"} <= {p.name for p in out.iterdir()}
-    header, rows = _rows(out / "history.csv")
+    header, rows = csv_rows(out / "history.csv")
     assert header[:4] == ["epoch", "lr", "train_loss", "train_acc"]
     assert len(rows) == 1 and rows[0][0] == "1"
     saved = json.loads((out / "train.json").read_text())
@@ -299,53 +274,10 @@ def test_chain_train_outputs(chain):
     assert (chain["base"] / saved["settings"]["data"]).resolve() == (chain["out"] / "split" / "kept").resolve()
     assert saved["settings"]["eps"] == pytest.approx(8 / 255) and saved["settings"]["steps"] == 1
     meta = _meta(out / "model.safetensors")
-    assert meta["stage"] == "train" and float(meta["adv_eps"]) == pytest.approx(8 / 255)
+    assert meta["stage"] == "train" and float(meta["eps"]) == pytest.approx(8 / 255)
     printed = json.loads(chain["results"]["train"].stdout)  # --json: parseable, and the same summary
     assert printed["samples"] == kept and printed["stage"] == "train"
     assert printed["dataset_fingerprint"] == saved["dataset_fingerprint"]
-
-
-def test_scan_with_model_skips_training_and_gives_the_same_scores(chain, tmp_path, monkeypatch):
-    def no_training(*args, **kwargs):
-        raise AssertionError("scan --model must not train")
-
-    monkeypatch.setattr(scan_mod, "fit", no_training)
-    model = chain["out"] / "scan" / "model.safetensors"
-    result = invoke("scan", chain["data"], "--model", model, "--workdir", tmp_path / "w", "--device", "cpu",
-                    "--cache-dir", tmp_path / "c", "--quiet", "--json")
-    assert result.exit_code == 0, result.output
-    summary = json.loads(result.stdout)
-    assert summary["settings"]["epochs"] == 0 and summary["settings"]["arch"] == "cnn"
-    assert summary["samples"] == 42
-    header, first = _rows(chain["out"] / "scan" / "scores.csv")
-    header_again, second = _rows(tmp_path / "w" / "scan" / "scores.csv")
-    assert header_again == header and len(second) == len(first) == 42
-    # The trained model in memory and the one reloaded from disk may run other CPU kernels (oneDNN
-    # picks them per machine): the scores agree to float noise, not bit for bit.
-    numeric = {"score", "ce_adv", "loss_clean"}
-    for row, again in zip(first, second):
-        for name, value, value_again in zip(header, row, again):
-            if name in numeric:
-                assert float(value_again) == pytest.approx(float(value), rel=1e-4, abs=1e-5), name
-            else:
-                assert value_again == value, name
-
-
-def test_scan_with_a_checkpoint_for_other_classes_exits_2(chain, tmp_path):
-    other = make_folder(tmp_path / "other", classes=2, per_class=3)
-    result = invoke("scan", other, "--model", chain["out"] / "scan" / "model.safetensors", "--workdir",
-                    tmp_path / "w", "--device", "cpu", "--cache-dir", tmp_path / "c", "--quiet")
-    assert result.exit_code == 2, result.output
-    assert "trained on classes" in result.stderr and "Traceback" not in result.output
-
-
-def test_scan_with_a_pickle_checkpoint_exits_2(tiny_data, tmp_path):
-    fake = tmp_path / "model.safetensors"
-    fake.write_bytes(b"\x80\x04\x95 pickle bytes")
-    result = invoke("scan", tiny_data, "--model", fake, "--workdir", tmp_path / "w", "--device", "cpu",
-                    "--cache-dir", tmp_path / "c", "--quiet")
-    assert result.exit_code == 2, result.output
-    assert "not a safetensors file" in result.stderr and "Traceback" not in result.output
 
 
 def test_split_from_the_chain_with_explicit_scores_and_quantile(chain, tmp_path):

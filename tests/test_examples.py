@@ -75,7 +75,7 @@ def test_torchvision_export_writes_an_image_folder_aabl_reads(tmp_path):
         from export_torchvision import export
     finally:
         sys.path.pop(0)
-    from aabl_cli.data import load_image_folder
+    from aabl_cli.core.data import load_image_folder
 
     rng = random.Random(0)
     fake = [(Image.new("RGB", (40, 30), tuple(rng.randrange(256) for _ in range(3))), i % 3) for i in range(12)]

@@ -23,15 +23,16 @@ from conftest import make_folder, write_fake_scan
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-import aabl_cli.progress as progress_mod
-import aabl_cli.split as split_mod
-from aabl_cli.checkpoint import load_model, save_model
+import aabl_cli.core.progress as progress_mod
+import aabl_cli.stages.split as split_mod
 from aabl_cli.cli import cli
-from aabl_cli.errors import AablError
-from aabl_cli.models import build_model
+from aabl_cli.core.checkpoint import load_model, save_model
+from aabl_cli.core.errors import AablError
+from aabl_cli.core.models import build_model
+from aabl_cli.core.text import json_text, printable
+from aabl_cli.core.threshold import choose_isolated
 from aabl_cli.options import FiniteFloat
-from aabl_cli.split import choose_isolated, split
-from aabl_cli.text import json_text, printable
+from aabl_cli.stages.split import split
 
 CLEAR = "\x1b[2J"  # clears the screen
 TITLE = "\x1b]0;x\x07"  # sets the terminal's title
@@ -258,7 +259,7 @@ def test_split_of_extreme_scores_exits_0_with_finite_json(tiny_data: Path, tmp_p
 def test_undefined_values_are_written_as_null(tiny_data: Path, tmp_path: Path) -> None:
     """Ground truth without any poison: recall is undefined (0/0) and JSON gets null, not NaN."""
     write_fake_scan(tmp_path / "w", tiny_data, np.linspace(0, 1, 36))
-    from aabl_cli.data import list_image_folder
+    from aabl_cli.core.data import list_image_folder
 
     with open(tiny_data / "poison.csv", "w", newline="") as fh:
         csv.writer(fh).writerows([["path", "poisoned"], *[[rel, 0] for rel, _ in list_image_folder(tiny_data).files]])
@@ -276,7 +277,7 @@ def _checkpoint(path: Path, edit=None) -> Path:
     torch.manual_seed(0)
     model = build_model("cnn", num_classes=3, image_size=(16, 16))
     save_model(path, model, arch="cnn", classes=["class_0", "class_1", "class_2"], image_size=(16, 16),
-               stage="train", adv_eps=0.0, epochs=1, seed=0, dataset_fingerprint="ab" * 32)
+               stage="train", eps=0.0, epochs=1, seed=0, dataset_fingerprint="ab" * 32)
     if edit is not None:
         with safe_open(str(path), framework="pt") as fh:
             meta = fh.metadata()
@@ -380,19 +381,6 @@ def test_run_redoes_the_stages_when_the_image_size_changes(tmp_path: Path) -> No
     assert json.loads(dry.stdout)["plan"]["scan"] == "to redo (other image_size)"
     again = invoke("run", data, "--workdir", work, "--cache-dir", cache, *FAST)
     assert again.exit_code == 0 and "nothing to do" in again.stderr
-
-
-def test_a_recorded_setting_run_cannot_reproduce_counts_as_changed(tmp_path: Path) -> None:
-    from aabl_cli.pipeline import _finished
-
-    path = tmp_path / "split.json"
-    wanted = {"method": "otsu", "fraction": None, "threshold": None, "min_isolated": 0.1, "link": "copy"}
-    path.write_text(json.dumps({"settings": {**wanted, "fail_over": 0.2, "fail_on_suspect": True}}))
-    assert _finished(path, wanted, None) is None  # the gates change no output
-    path.write_text(json.dumps({"settings": {**wanted, "new_knob": 3}}))
-    assert _finished(path, wanted, None) == "to redo (other new_knob)"
-    path.write_text(json.dumps({"settings": {**wanted, "min_isolated": 0.2}}))
-    assert _finished(path, wanted, None) == "to redo (other min_isolated)"
 
 
 # ---------------------------------------------------------------- (9d) a scores.csv a spreadsheet saved

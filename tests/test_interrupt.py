@@ -22,9 +22,9 @@ from conftest import SLOW_COPIES, make_folder, tree_hash, write_fake_scan
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-import aabl_cli.train as train_mod
-from aabl_cli.split import split
-from aabl_cli.train import train
+import aabl_cli.core.resume as resume_mod
+from aabl_cli.stages.split import split
+from aabl_cli.stages.train import train
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 # 3 epochs of plain training, ~0.8 s each on one thread: long enough to be killed between two.
@@ -138,7 +138,7 @@ def test_sigint_during_poison_leaves_no_output(tmp_path: Path) -> None:
     data = make_folder(tmp_path / "data", classes=2, per_class=20)
     before = tree_hash(data)
     out = tmp_path / "work" / "poisoned"
-    proc = subprocess.Popen(slowed("poison", data, "--attack", "badnets", "--out", out, "--quiet"), env=ENV,
+    proc = subprocess.Popen(slowed("poison", data, "--backdoor", "badnets", "--out", out, "--quiet"), env=ENV,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     _, err = _sigint_when(proc, lambda: any(out.parent.glob(".poisoned.tmp-*/*/*.png")))
     assert proc.returncode == 130, err
@@ -155,7 +155,7 @@ def test_kill_between_the_model_file_and_the_resume_state_still_resumes_exactly(
     common = dict(arch="cnn", epochs=3, eps=0.0, batch_size=16, seed=1, device="cpu", quiet=True,
                   cache_dir=tmp_path / "c")
     train(tiny_data, workdir=tmp_path / "full", **common)
-    real = train_mod.save_state
+    real = resume_mod.save_state
 
     def killed_at_epoch_2(path: Path, *, epoch: int, **kwargs: object) -> None:
         if epoch == 2:
@@ -164,7 +164,7 @@ def test_kill_between_the_model_file_and_the_resume_state_still_resumes_exactly(
 
     work = tmp_path / "cut"
     with monkeypatch.context() as mp:
-        mp.setattr(train_mod, "save_state", killed_at_epoch_2)
+        mp.setattr(resume_mod, "save_state", killed_at_epoch_2)
         with pytest.raises(KeyboardInterrupt):
             train(tiny_data, workdir=work, **common)
     with safe_open(str(work / ".train.partial" / "model.safetensors"), framework="pt") as fh:

@@ -17,10 +17,12 @@ from conftest import make_folder, write_fake_scan
 from hypothesis import HealthCheck, assume, example, given, settings
 from hypothesis import strategies as st
 
-from aabl_cli.data import list_image_folder
-from aabl_cli.errors import AablError
+from aabl_cli.core.data import list_image_folder
+from aabl_cli.core.errors import AablError
+from aabl_cli.core.groundtruth import read_ground_truth
+from aabl_cli.core.threshold import choose_isolated
 from aabl_cli.options import BUDGET, SHARE
-from aabl_cli.split import choose_isolated, read_ground_truth, read_scores, split
+from aabl_cli.stages.split import read_scores, split
 
 FAST = settings(max_examples=60, deadline=None)
 SLOW = settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -194,7 +196,7 @@ def test_read_scores_refuses_a_label_that_contradicts_the_image_folder(dataset: 
     rows[1 + row][2] = str(1 - int(rows[1 + row][2]))  # the other of the two classes
     with open(path, "w", newline="") as fh:
         csv.writer(fh).writerows(rows)
-    with pytest.raises(AablError):
+    with pytest.raises(AablError, match=rf"line {row + 2}: label {rows[1 + row][2]} does not match the class folder"):
         read_scores(path)
 
 

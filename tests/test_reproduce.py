@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import make_folder
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -21,24 +22,31 @@ def reproduce(tmp_path, monkeypatch):
     return module
 
 
-def _result(dataset, attack, mode, **numbers):
-    row = {"dataset": dataset, "attack": attack, "mode": mode, "category": "A", "arch": "cnn", "scan_epochs": 20,
-           "train_epochs": 20, "train_steps": 5, "train_batch": 64, "train_lr": 0.02, "seed": "0",
+def _result(dataset, backdoor, mode, **numbers):
+    row = {"dataset": dataset, "backdoor": backdoor, "mode": mode, "category": "A", "arch": "cnn", "scan_epochs": 20,
+           "train_epochs": 20, "train_steps": 5, "train_batch": 64, "train_lr": 0.02, "train_images": 4000,
+           "test_images": {"cifar10": 1000, "gtsrb": 1075}[dataset], "seed": "0",
            "device": "CPU (x86_64, 2 cores)", "torch": "2.x", "seconds": {"train": 1200.0}, "acc": 0.5, "ra": 0.25,
            "asr": 0.03, "target_rate": 0.02, "finished": True}
     if mode == "aabl":
-        row.update(gamma=0.8, rho_vul=0.0125, recall=0.9, verdict="backdoor suspected", naive_acc=0.6,
+        row.update(kept_share=0.8, rho_vul=0.0125, recall=0.9, verdict="backdoor suspected", naive_acc=0.6,
                    naive_asr=0.95, naive_target_rate=0.1)
     row.update(numbers)
     return row
+
+
+def _earlier(row):
+    """`row` as an earlier version stored it: `attack` for the backdoor, `gamma` for the kept share."""
+    names = {"backdoor": "attack", "kept_share": "gamma"}
+    return {names.get(k, k): v for k, v in row.items()}
 
 
 def test_tables_hold_ours_beside_the_papers_and_list_what_is_missing(reproduce):
     store = reproduce.RESULTS / "cpu"
     store.mkdir(parents=True)
     (store / "cifar10-badnets-aabl.json").write_text(json.dumps(_result("cifar10", "badnets", "aabl")))
-    (store / "cifar10-badnets-advtrain.json").write_text(
-        json.dumps(_result("cifar10", "badnets", "advtrain", asr=0.99)))
+    (store / "cifar10-badnets-advtrain.json").write_text(  # a result file of an earlier version reads the same
+        json.dumps(_earlier(_result("cifar10", "badnets", "advtrain", asr=0.99))))
     text = reproduce.render("cpu")
     assert f"2 of {len(reproduce.CONFIGS)} configurations finished" in text
     # Table 1 row: our gamma, rho_vul, recall, naive ASR; the paper's gamma and rho_vul for BadNets
@@ -159,28 +167,47 @@ def test_a_result_from_other_settings_is_marked_and_trained_again(reproduce, tmp
     assert "no longer gives" not in md.read_text()
 
 
-def test_a_stale_training_is_set_aside_with_its_evaluation(reproduce, tmp_path):
-    wd = tmp_path / "aabl"
+def _trained(reproduce, wd, data, scale, **edits):
+    """A finished training in `wd` as `aabl train` records it for `scale`'s options on `data` (with `edits`)."""
+    args = argparse.Namespace(seed="0")
+    options = reproduce.train_options(scale, args)
+    fingerprint, _, size = reproduce.peek_image_folder(data)
+    settings = reproduce.settings_for(reproduce.train, reproduce.train_settings, options, data=data, image_size=size,
+                                      distributed={"world_size": 1, "backend": None})
     (wd / "train").mkdir(parents=True)
-    cifar = reproduce.settings("cpu", "cifar10")
-    ran = {"arch": "cnn", "epochs": 20, "steps": 5, "batch_size": 64, "lr": 0.02, "seed": 0}
-    (wd / "train" / "train.json").write_text(json.dumps({"settings": ran}))
+    (wd / "train" / "train.json").write_text(json.dumps({"settings": {**settings, **edits},
+                                                         "dataset_fingerprint": fingerprint}))
+    return options
+
+
+def test_a_stale_training_is_set_aside_with_its_evaluation(reproduce, tmp_path):
+    data, wd = make_folder(tmp_path / "kept", classes=2, per_class=2), tmp_path / "aabl"
+    cifar_options = _trained(reproduce, wd, data, reproduce.settings("cpu", "cifar10"))
     (wd / "final-eval.json").write_text("{}")
-    reproduce.set_aside_stale_training(wd, cifar)  # the same settings: kept
+    reproduce.set_aside_stale_training(wd, data, cifar_options)  # the same settings: kept
     assert (wd / "train" / "train.json").exists() and (wd / "final-eval.json").exists()
-    reproduce.set_aside_stale_training(wd, reproduce.settings("cpu", "gtsrb"))  # 40 epochs there
+    gtsrb = reproduce.train_options(reproduce.settings("cpu", "gtsrb"), argparse.Namespace(seed="0"))
+    reproduce.set_aside_stale_training(wd, data, gtsrb)  # 40 epochs there
     assert not (wd / "train").exists() and not (wd / "final-eval.json").exists()
     assert json.loads((wd / "train-20ep" / "train.json").read_text())["settings"]["epochs"] == 20
     assert (wd / "final-eval-20ep.json").exists()
 
 
-def test_a_training_with_another_learning_rate_is_set_aside_too(reproduce, tmp_path):
-    wd = tmp_path / "aabl"
-    (wd / "train").mkdir(parents=True)
-    ran = {"arch": "cnn", "epochs": 20, "steps": 5, "batch_size": 64, "lr": 0.05}
-    (wd / "train" / "train.json").write_text(json.dumps({"settings": ran}))
-    reproduce.set_aside_stale_training(wd, reproduce.settings("cpu", "cifar10"))  # lr 0.02 there
+@pytest.mark.parametrize("edit", [{"lr": 0.05}, {"momentum": 0.5}, {"image_size": [8, 8]}, {"new_knob": 1}])
+def test_a_training_with_any_other_recorded_setting_is_set_aside_too(reproduce, tmp_path, edit):
+    """Every setting train.json records counts, as in `aabl run`: not only the few the scale names."""
+    data, wd = make_folder(tmp_path / "kept", classes=2, per_class=2), tmp_path / "aabl"
+    options = _trained(reproduce, wd, data, reproduce.settings("cpu", "cifar10"), **edit)
+    reproduce.set_aside_stale_training(wd, data, options)
     assert not (wd / "train").exists() and (wd / "train-20ep" / "train.json").exists()
+
+
+def test_a_training_of_other_images_is_set_aside(reproduce, tmp_path):
+    data, wd = make_folder(tmp_path / "kept", classes=2, per_class=2), tmp_path / "aabl"
+    options = _trained(reproduce, wd, data, reproduce.settings("cpu", "cifar10"))
+    (data / "class_0" / "img_000.png").write_bytes((data / "class_1" / "img_000.png").read_bytes())
+    reproduce.set_aside_stale_training(wd, data, options)
+    assert (wd / "train-20ep" / "train.json").exists()
 
 
 def test_a_scan_from_other_settings_stops_the_configuration(reproduce, tmp_path, monkeypatch):

@@ -25,9 +25,9 @@ from conftest import SLOW_COPIES, make_folder, tree_hash, write_fake_scan
 from safetensors import SafetensorError, safe_open
 
 from aabl_cli.cli import cli
-from aabl_cli.errors import AablError
-from aabl_cli.fsutil import Place, refuse_overlap
-from aabl_cli.lock import lock_path, workdir_lock
+from aabl_cli.core.errors import AablError
+from aabl_cli.core.fsutil import Place, refuse_overlap
+from aabl_cli.core.lock import lock_path, workdir_lock
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 SCAN = ("--arch", "cnn", "--epochs", "1", "--batch-size", "8", "--device", "cpu")
@@ -122,7 +122,7 @@ def test_train_val_inside_the_output_is_refused(data: Path, tmp_path: Path) -> N
 def test_poison_out_equal_to_inside_or_around_its_source_is_refused(data: Path, tmp_path: Path, where: str) -> None:
     out = {"same": data, "inside": data / "class_0" / "p", "holds": tmp_path}[where]
     before = tree_hash(data)
-    result = invoke("poison", data, "--attack", "badnets", "--out", out, "--quiet")
+    result = invoke("poison", data, "--backdoor", "badnets", "--out", out, "--quiet")
     assert result.exit_code == 2, result.output
     expected = {"same": "is the source folder itself", "inside": "is inside the source folder",
                 "holds": "contains the source folder"}[where]
@@ -134,7 +134,7 @@ def test_poison_out_holding_its_pattern_is_refused(data: Path, tmp_path: Path) -
     out = tmp_path / "out"
     shutil.copytree(data / "class_0", out)  # e.g. an older output, one of whose images is the blend pattern
     before = tree_hash(out)
-    result = invoke("poison", data, "--attack", "blend", "--pattern", out / "img_000.png", "--out", out, "--quiet")
+    result = invoke("poison", data, "--backdoor", "blend", "--pattern", out / "img_000.png", "--out", out, "--quiet")
     assert result.exit_code == 2, result.output
     assert "contains --pattern" in result.output and "would replace --pattern" in result.output
     assert tree_hash(out) == before
@@ -271,7 +271,7 @@ def test_locks_are_reentrant_in_a_process_and_exclusive_across(tmp_path: Path) -
 GATED_SCAN = """
 import os, sys, time
 from pathlib import Path
-import aabl_cli.scan as scan_mod
+import aabl_cli.stages.scan as scan_mod
 real = scan_mod.score_samples
 def gated(*args, **kwargs):
     deadline = time.monotonic() + 120
@@ -373,7 +373,7 @@ def test_a_full_disk_while_saving_a_checkpoint_names_the_file_and_the_fix(data: 
         raise SafetensorError(f'Error while serializing: I/O error: No space left on device (os error 28) at path '
                               f'"{filename}"')
 
-    monkeypatch.setattr("aabl_cli.checkpoint.save_file", no_space)
+    monkeypatch.setattr("aabl_cli.core.checkpoint.save_file", no_space)
     work = tmp_path / "w"
     result = invoke("scan", data, "--workdir", work, "--cache-dir", tmp_path / "c", "--quiet", *SCAN)
     assert result.exit_code == 1, result.output

@@ -1,0 +1,138 @@
+"""Batched evaluation: clean accuracy (ACC), robust accuracy under PGD (RA), attack success (ASR)."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from aabl_cli.core import distributed
+from aabl_cli.core.accuracy import accuracy, predict
+from aabl_cli.core.attacks import PAPER_RA, Threat
+from aabl_cli.core.checkpoint import load_model
+from aabl_cli.core.data import list_image_folder, load_image_folder
+from aabl_cli.core.device import make_generator, prepare_model, resolve_device
+from aabl_cli.core.errors import AablError
+
+
+def _load_for_model(folder: str | Path, classes: list[str], image_size: list[int], *,
+                    cache_dir: str | Path | None, quiet: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """An image folder relabelled into the checkpoint's class indices (folder names must be among them)."""
+    data = load_image_folder(folder, image_size=tuple(image_size), cache_dir=cache_dir, min_classes=1,
+                             warn_empty=False, quiet=quiet)
+    unknown = [c for c in data.classes if c not in classes]
+    if unknown:
+        raise AablError(f"{folder} has class folder(s) {unknown[:5]} that the model does not know "
+                        f"(its classes: {classes[:10]}); use a folder with the training class names")
+    mapping = torch.tensor([classes.index(c) for c in data.classes], dtype=torch.int64)
+    return data.images, mapping[data.labels]
+
+
+def evaluate(model: str | Path, test: str | Path, *, poisoned: str | Path | None = None,
+             threat: Threat = PAPER_RA, batch_size: int = 256, seed: int = 0, device: str = "auto",
+             cache_dir: str | Path | None = None, quiet: bool = False) -> dict[str, Any]:
+    """ACC on the clean `test` folder, RA under `threat` (PGD), ASR on the `poisoned` folder.
+
+    The poisoned folder holds triggered images relabelled to the target (`aabl poison
+    --test`), so ASR is the share classified as their (target) label; `target_rate` is the
+    same share on the clean non-target test images, ASR's baseline. Returns fractions.
+    """
+    dev = distributed.setup(resolve_device(device))
+    quiet = quiet or not distributed.is_main()
+    if poisoned is not None:
+        check_triggered_set(poisoned)
+    net, meta = load_model(Path(model), device=dev)
+    net = prepare_model(net, dev)
+    started = time.time()
+    with distributed.main_first():  # rank 0 fills the decode cache, the others read it
+        images, labels = _load_for_model(test, meta["classes"], meta["image_size"], cache_dir=cache_dir,
+                                         quiet=quiet)
+    result: dict[str, Any] = {
+        "model": str(model), "test": str(test), "samples": int(images.shape[0]),
+        "acc": _sharded_accuracy(net, images, labels, device=dev, batch_size=batch_size),
+    }
+    if threat.eps > 0:
+        result["ra"] = _sharded_accuracy(net, images, labels, device=dev, batch_size=batch_size, threat=threat,
+                                         generator=make_generator(dev, seed + 1_000_003 * distributed.rank()))
+        result["threat"] = asdict(threat)
+    if poisoned is not None:
+        with distributed.main_first():
+            p_images, p_labels = _load_for_model(poisoned, meta["classes"], meta["image_size"], cache_dir=cache_dir,
+                                                 quiet=quiet)
+        result["poisoned"] = str(poisoned)
+        result["asr"] = _sharded_accuracy(net, p_images, p_labels, device=dev, batch_size=batch_size)
+        result.update(_target_rate(net, images, labels, p_labels, meta["classes"], device=dev,
+                                   batch_size=batch_size))
+    result["warnings"] = reading_warnings(result)
+    if distributed.world() > 1:
+        result["distributed"] = distributed.describe(batch_size)
+    result["seconds"] = {"total": time.time() - started}
+    return result
+
+
+def check_triggered_set(folder: str | Path) -> None:
+    """ASR counts the triggered images classified as the one target class, so `folder` must hold
+    images under one class folder only (the target's, as `aabl poison --test` writes it). A folder
+    with several labels, e.g. the clean test set, would report its accuracy as the ASR."""
+    listing = list_image_folder(folder)
+    filled = sorted({listing.classes[label] for _, label in listing.files})
+    if len(filled) > 1:
+        shown = ", ".join(repr(c) for c in filled[:5]) + (", ..." if len(filled) > 5 else "")
+        raise AablError(f"--poisoned {folder} holds images in {len(filled)} class folders ({shown}), but ASR needs "
+                        "one target class: pass the triggered set that `aabl poison --test` writes, which holds "
+                        "only triggered images, all under the target class's folder")
+
+
+def _target_rate(net: nn.Module, images: torch.Tensor, labels: torch.Tensor, p_labels: torch.Tensor,
+                 classes: list[str], *, device: torch.device, batch_size: int) -> dict[str, Any]:
+    """ASR's baseline: the share of clean test images outside the target class classified as the
+    target, without any trigger. An ASR near it says the model favours the target class, not that
+    it learnt the trigger. Empty without one target or without clean non-target images."""
+    targets = p_labels.unique()
+    if len(targets) != 1:
+        return {}
+    target = int(targets[0])
+    others = labels != target
+    if not bool(others.any()):
+        return {}
+    rate = _sharded_accuracy(net, images[others], torch.full((int(others.sum()),), target, dtype=labels.dtype),
+                             device=device, batch_size=batch_size)
+    return {"target": classes[target], "target_rate": rate}
+
+
+# an ASR this close to the target rate (and that rate this high) is the model's bias, not a trigger
+BIAS_MARGIN, BIAS_FLOOR = 0.10, 0.20
+
+
+def reading_warnings(result: dict[str, Any]) -> list[str]:
+    """What a reader of `result` must know before trusting its ASR: a model that already
+    classifies many clean non-target images as the target scores a high ASR without having
+    learnt any trigger (it has collapsed onto, or favours, that class)."""
+    asr, rate = result.get("asr"), result.get("target_rate")
+    if asr is None or rate is None or rate < BIAS_FLOOR or asr - rate >= BIAS_MARGIN:
+        return []
+    return [f"ASR {100 * asr:.1f}% is within {100 * BIAS_MARGIN:.0f} points of the target rate {100 * rate:.1f}%: "
+            f"without any trigger the model already classifies that share of clean non-target images as "
+            f"{result['target']!r}, so the ASR shows a bias towards that class, not a learnt trigger"]
+
+
+def _sharded_accuracy(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, *, device: torch.device,
+                      batch_size: int, threat: Threat | None = None,
+                      generator: torch.Generator | None = None) -> float:
+    """`accuracy` over this process's shard, summed over the processes under torchrun."""
+    if distributed.world() == 1:
+        return accuracy(model, images, labels, device=device, batch_size=batch_size, threat=threat,
+                        generator=generator)
+    idx = distributed.shard(images.shape[0])
+    correct = torch.zeros(2, dtype=torch.float64, device=device)
+    if len(idx):
+        pred = predict(model, images[idx], device=device, batch_size=batch_size, threat=threat, generator=generator,
+                       labels=labels[idx])
+        correct[0] = float((pred == labels[idx]).sum())
+        correct[1] = float(len(idx))
+    right, total = distributed.all_reduce_sum(correct).tolist()
+    return right / total if total else float("nan")

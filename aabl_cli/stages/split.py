@@ -1,0 +1,348 @@
+"""Stage 2: cut the robust (low-score, suspicious) samples away from the rest.
+
+Otsu's threshold over the raw scores (`core.threshold`); samples below it are *isolated*
+(D_rob), the rest *kept* (D_vul); `kept_share` is the paper's gamma. At least `min_isolated`
+of the set is isolated (see README: the paper's Table 1 implies a 10 % floor). A backdoor's
+poisons share one label, so the class make-up of the isolated set's most robust core decides
+the verdict.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import time
+from pathlib import Path
+from statistics import NormalDist
+from typing import Any
+
+import numpy as np
+
+from aabl_cli import __version__
+from aabl_cli.core.data import dataset_fingerprint
+from aabl_cli.core.errors import AablError
+from aabl_cli.core.fsutil import (
+    LINK_MODES,
+    SECOND_ROUND,
+    Place,
+    atomic_output_dir,
+    inside,
+    refuse_overlap,
+    write_image_folder,
+    write_json,
+)
+from aabl_cli.core.groundtruth import read_ground_truth
+from aabl_cli.core.lock import workdir_lock
+from aabl_cli.core.text import printable
+from aabl_cli.core.threshold import METHODS, choose_isolated
+from aabl_cli.core.workdir import StageFolder, Workdir, read_summary
+
+# Verdict: the suspected class's excess share of the verdict core, as a fraction of the
+# room it had to grow: (q - p) / (1 - p), q its share of the core, p its data share.
+# On 10,000 CIFAR-10 images (benchmarks/SPLIT_CHECK.md) BadNets gave 0.57 and 1.00 (two
+# naive networks) and the clean set 0.24 and 0.33: a naturally robust class (ship) can
+# fill a third of the core, a patch trigger's target fills most of it.
+SUSPECT_CONCENTRATION = 0.5
+# The verdict reads a lower confidence bound of the concentration, not the point estimate:
+# a 200-image core (5 % of 4,000) has a standard error near 0.04, and on CIFAR-10 Blend a
+# naturally robust class reached 0.52 by chance. One-sided Wilson bound on the class's core
+# share, Bonferroni-corrected over the classes since the largest of them is the one tested.
+VERDICT_SIGNIFICANCE = 0.05  # the bound holds with confidence 1 - VERDICT_SIGNIFICANCE
+# The verdict core: the most robust isolated samples, at most this share of the set. On
+# real data whole classes are naturally robust (ships, cars) and fill the isolated set's
+# upper part on clean and poisoned sets alike; a patch trigger's poisons sit far below.
+VERDICT_CORE = 0.05
+VERDICT_CORE_MIN = 50  # samples: a smaller core says little about class make-up
+SPLIT_FIELDS = ("index", "path", "label", "score", "kept")
+# Below this accuracy on its own (unaugmented) training images the naive model has not
+# learnt its data, nor a backdoor: its robust images are noise, and so is the verdict.
+# Measured on CIFAR-10: 3 epochs (40 %) isolated 29 % of a clean set and cried "backdoor";
+# 20 epochs (82 %) did not.
+FIT_WARNING_ACC = 0.6
+
+
+def class_verdict(labels: np.ndarray, scores: np.ndarray, isolated: np.ndarray, classes: list[str],
+                  *, core: float = VERDICT_CORE, core_min: int = VERDICT_CORE_MIN) -> dict[str, Any]:
+    """Per-class isolated shares against data shares, the suspected target class and a verdict.
+
+    The verdict looks at the core: the `max(core * N, core_min)` isolated samples with the
+    lowest scores, or all of them when fewer are isolated. A backdoor is suspected when the
+    lower confidence bound of the top class's concentration (`concentration_low`) reaches
+    `SUSPECT_CONCENTRATION`.
+    """
+    counts = np.bincount(labels, minlength=len(classes))
+    iso = np.bincount(labels[isolated], minlength=len(classes))
+    candidates = np.flatnonzero(isolated)
+    size = min(len(candidates), max(core_min, math.ceil(core * len(labels))))
+    in_core = candidates[np.argsort(scores[candidates], kind="stable")[:size]]
+    core_counts = np.bincount(labels[in_core], minlength=len(classes))
+    p = counts / max(1, counts.sum())
+    q = core_counts / max(1, size)
+    excess = np.where(p < 1, (q - p) / np.clip(1 - p, 1e-12, None), 0.0)
+    top = int(np.argmax(excess))
+    concentration = float(excess[top]) if size else 0.0
+    low = 0.0
+    if size:
+        z = NormalDist().inv_cdf(1 - VERDICT_SIGNIFICANCE / len(classes))
+        q_low = wilson_lower(int(core_counts[top]), int(size), z)
+        low = max(0.0, float((q_low - p[top]) / (1 - p[top]))) if p[top] < 1 else 0.0
+    return {
+        "per_class": [{"class": c, "samples": int(counts[i]), "isolated": int(iso[i]), "core": int(core_counts[i]),
+                       "share_of_data": float(p[i]), "share_of_isolated": float(iso[i] / max(1, iso.sum())),
+                       "share_of_core": float(q[i]),
+                       "isolated_share": float(iso[i] / counts[i]) if counts[i] else 0.0}
+                      for i, c in enumerate(classes)],
+        "core_size": int(size),
+        "core_fraction": core,
+        "suspected_class": classes[top],
+        "suspected_label": top,
+        "concentration": concentration,
+        "concentration_low": low,
+        "concentration_confidence": 1 - VERDICT_SIGNIFICANCE,
+        "concentration_threshold": SUSPECT_CONCENTRATION,
+        "verdict": "backdoor suspected" if low >= SUSPECT_CONCENTRATION else "no backdoor evidence",
+    }
+
+
+def wilson_lower(successes: int, trials: int, z: float) -> float:
+    """Lower end of the Wilson score interval for a binomial proportion (0 without trials)."""
+    if trials <= 0:
+        return 0.0
+    phat = successes / trials
+    centre = phat + z * z / (2 * trials)
+    spread = z * math.sqrt(phat * (1 - phat) / trials + z * z / (4 * trials * trials))
+    return max(0.0, (centre - spread) / (1 + z * z / trials))
+
+
+def read_scores(path: Path) -> tuple[dict[str, Any], list[str], np.ndarray, np.ndarray]:
+    """Read `scores.csv` and the `scan.json` beside it; check the rows against the dataset.
+
+    Returns (scan summary, paths, labels, scores). Edited score values are accepted;
+    missing, extra, duplicate or reordered rows, non-finite scores and changed images
+    are refused.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise AablError(f"scores file {path} does not exist; run `aabl scan DATA` first or pass its scores.csv")
+    scan_json = StageFolder(path.parent, "scan").json
+    try:
+        scan = read_summary(scan_json, "scan")
+        root = Path(scan["data"])
+        fingerprint = scan["dataset_fingerprint"]
+        classes = list(scan["classes"])
+        expected = int(scan["samples"])
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise AablError(f"{scan_json} is missing or unreadable; keep the scan.json that `aabl scan` wrote "
+                        "beside scores.csv") from err
+    label_of = {name: i for i, name in enumerate(classes)}
+    paths: list[str] = []
+    labels: list[int] = []
+    scores: list[float] = []
+    try:
+        # utf-8-sig: a spreadsheet that saved the file may have put a byte-order mark before "index"
+        with open(path, newline="", encoding="utf-8-sig") as fh:
+            reader = csv.DictReader(fh)
+            missing = {"index", "path", "label", "score"} - set(reader.fieldnames or [])
+            if missing:
+                raise AablError(f"{path} lacks the column(s) {sorted(missing)}; use the scores.csv that scan wrote")
+            for line, row in enumerate(reader, start=2):
+                try:
+                    index, label, score = int(row["index"]), int(row["label"]), float(row["score"])
+                except (TypeError, ValueError) as err:
+                    raise AablError(f"{path}, line {line}: unreadable row ({err}); fix or re-create the file "
+                                    "with `aabl scan`") from err
+                if index != len(paths):
+                    raise AablError(f"{path}, line {line}: index {index} where {len(paths)} was expected (rows "
+                                    "missing, duplicated or reordered); restore the rows in dataset order")
+                if not math.isfinite(score):
+                    raise AablError(f"{path}, line {line}: score {row['score']!r} is not a finite number; "
+                                    "give every sample a finite score")
+                if not 0 <= label < len(classes):
+                    raise AablError(f"{path}, line {line}: label {label} is not one of the {len(classes)} classes")
+                folder = str(row["path"]).split("/", 1)[0]
+                if label_of.get(folder) != label:
+                    raise AablError(f"{path}, line {line}: label {label} does not match the class folder of "
+                                    f"{row['path']}; restore the label or re-create the file with `aabl scan`")
+                paths.append(row["path"])
+                labels.append(label)
+                scores.append(score)
+    except (OSError, UnicodeDecodeError, csv.Error) as err:
+        raise AablError(f"cannot read {path}: {err}; re-create it with `aabl scan`") from err
+    if len(paths) != expected:
+        raise AablError(f"{path} has {len(paths)} rows but the scan scored {expected} images; the file is "
+                        "truncated or edited: re-create it with `aabl scan`")
+    if len(set(paths)) != len(paths):
+        raise AablError(f"{path} lists some images twice; re-create it with `aabl scan`")
+    if not root.is_dir():
+        raise AablError(f"the scanned dataset {root} (named in {scan_json}) is gone; restore it or scan again")
+    try:
+        current = dataset_fingerprint(root, paths)
+    except OSError as err:
+        raise AablError(f"an image listed in {path} cannot be read from {root} ({err}); "
+                        "the dataset changed since the scan: scan it again") from err
+    if current != fingerprint:
+        raise AablError(f"{path} does not match the images in {root} (paths, order or file contents changed "
+                        "since the scan); scan the dataset again")
+    return scan, paths, np.array(labels, dtype=np.int64), np.array(scores, dtype=np.float64)
+
+
+def gates_for(summary: dict[str, Any], *, fail_over: float | None, fail_on_suspect: bool) -> list[str]:
+    """The CI gates a split summary trips: more isolated than `fail_over`, or a suspected backdoor."""
+    gates = []
+    if fail_over is not None and summary["isolated_share"] > fail_over:
+        gates.append(f"isolated {summary['isolated_share']:.1%} of the set, more than --fail-over "
+                     f"{fail_over:.1%}")
+    if fail_on_suspect and summary["verdict"] == "backdoor suspected":
+        gates.append(f"backdoor suspected (class {summary['suspected_class']!r}) and --fail-on-suspect is set")
+    return gates
+
+
+GATES = ("fail_over", "fail_on_suspect")  # recorded settings that change no output, only the exit code
+
+
+def split_settings(*, method: str, fraction: float | None, threshold: float | None, min_isolated: float, link: str,
+                   fail_over: float | None, fail_on_suspect: bool) -> dict[str, Any]:
+    """The settings split.json records (and `aabl run` compares, all but the GATES) for these options."""
+    return {"method": method, "fraction": fraction, "threshold": threshold,
+            "min_isolated": min_isolated if method == "otsu" else None, "link": link,
+            "fail_over": fail_over, "fail_on_suspect": fail_on_suspect}
+
+
+def split(scores: str | Path | None = None, *, workdir: str | Path = "aabl-out", method: str = "otsu",
+          fraction: float | None = None, threshold: float | None = None, min_isolated: float = 0.10,
+          link: str = "copy", fail_over: float | None = None, fail_on_suspect: bool = False) -> dict[str, Any]:
+    """Split the scanned dataset into `workdir/split/kept/` and `workdir/split/isolated/`.
+
+    Writes `split.csv` and `split.json` too. The summary's `gates` lists the CI gates
+    that tripped (`fail_over`, `fail_on_suspect`); the caller turns them into exit 3.
+    """
+    if method not in METHODS:
+        raise AablError(f"unknown --method {method!r}; use one of {', '.join(METHODS)}")
+    if method == "quantile" and fraction is None:
+        raise AablError("--method quantile needs --fraction F (the share to isolate, e.g. 0.1)")
+    if method == "fixed" and threshold is None:
+        raise AablError("--method fixed needs --threshold T (isolate scores below T)")
+    if threshold is not None and not math.isfinite(threshold):
+        raise AablError(f"--threshold {threshold} is not a finite number; give the score below which images "
+                        "are isolated, e.g. 0.5")
+    if link not in LINK_MODES:
+        raise AablError(f"unknown --link {link!r}; use one of {', '.join(LINK_MODES)}")
+    started = time.time()
+    wd = Workdir(workdir)
+    scores_path = Path(scores) if scores is not None else wd.scan.scores
+    _refuse_overlap(scores_path, _scanned_root(scores_path), wd)  # before the lock file is written
+    own_scan = ("scan",) if inside(scores_path, wd.scan.path) else ()
+    with workdir_lock(wd.root, *own_scan, "split"):  # no scan replaces what is read, no split runs alongside
+        scan, paths, labels, values = read_scores(scores_path)
+        _refuse_overlap(scores_path, Path(scan["data"]), wd)  # as read under the lock
+        root, classes = Path(scan["data"]), list(scan["classes"])
+        isolated, t = choose_isolated(values, method=method, fraction=fraction, threshold=threshold,
+                                      min_isolated=min_isolated)
+        kept = ~isolated
+        n = len(values)
+        summary: dict[str, Any] = {
+            "stage": "split", "aabl_version": __version__, "scores": str(scores_path.resolve()),
+            "data": str(root), "dataset_fingerprint": scan["dataset_fingerprint"],
+            "settings": split_settings(method=method, fraction=fraction, threshold=threshold,
+                                       min_isolated=min_isolated, link=link, fail_over=fail_over,
+                                       fail_on_suspect=fail_on_suspect),
+            "threshold": t, "samples": n, "kept": int(kept.sum()), "isolated": int(isolated.sum()),
+            "kept_share": float(kept.mean()) if n else 0.0, "isolated_share": float(isolated.mean()) if n else 0.0,
+            "skipped": scan.get("skipped", []),
+            **class_verdict(labels, values, isolated, classes),
+            "warnings": fit_warnings(scan),
+        }
+        truth = read_ground_truth(root, paths)
+        if truth is not None:
+            poisoned = truth.astype(bool)
+            summary["ground_truth"] = {
+                "poisoned": int(poisoned.sum()),
+                "rho": float(poisoned.mean()),
+                "rho_vul": float(poisoned[kept].mean()) if kept.any() else 0.0,
+                "precision": float(poisoned[isolated].mean()) if isolated.any() else 0.0,
+                "recall": float(isolated[poisoned].mean()) if poisoned.any() else float("nan"),
+            }
+        with atomic_output_dir(wd.split.path) as tmp:
+            out = wd.split.at(tmp)
+            for tree in (out.kept, out.isolated):
+                for name in classes:
+                    (tree / name).mkdir(parents=True, exist_ok=True)
+            write_image_folder(out.kept, root, [p for p, k in zip(paths, kept) if k], link=link)
+            write_image_folder(out.isolated, root, [p for p, i in zip(paths, isolated) if i], link=link)
+            _write_split_csv(out.split_csv, paths, labels, values, kept, truth)
+            summary["gates"] = gates_for(summary, fail_over=fail_over, fail_on_suspect=fail_on_suspect)
+            summary["seconds"] = {"total": time.time() - started}
+            write_json(out.json, summary)
+        return summary
+
+
+def _scanned_root(scores_path: Path) -> Path | None:
+    """The dataset root the scan.json beside `scores_path` names; None when unreadable (read_scores says why)."""
+    try:
+        return Path(read_summary(StageFolder(scores_path.parent, "scan").json, "scan")["data"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _refuse_overlap(scores_path: Path, root: Path | None, wd: Workdir) -> None:
+    """Split reads the scanned dataset (named in scan.json) and scores.csv, and replaces WORKDIR/split."""
+    scan_json = StageFolder(scores_path.parent, "scan").json
+    reads = [Place(scores_path, "SCORES"), Place(scan_json, "the scan.json beside SCORES")]
+    if root is not None:
+        reads.append(Place(root, "the scanned data folder"))
+    refuse_overlap(reads, replaces=[Place(wd.split.path, "the split output")],
+                   writes_into=[Place(wd.root, "--workdir")],
+                   fix=f"split into another work directory: aabl split {scores_path} --workdir OTHER "
+                       f"({SECOND_ROUND}; {scan_json} names the scanned data folder)")
+
+
+def fit_warnings(scan: dict[str, Any]) -> list[str]:
+    """Why the split may say little: the scan's naive model did not fit its training set."""
+    acc = scan.get("acc")
+    if isinstance(acc, (int, float)) and acc < FIT_WARNING_ACC:
+        return [f"the naive model classifies only {acc:.0%} of its own training images (acc in scan.json); "
+                "a model that has not fitted its data has not learnt a backdoor either, so this split and its "
+                "verdict say little: scan again with more --epochs"]
+    return []
+
+
+def _write_split_csv(path: Path, paths: list[str], labels: np.ndarray, scores: np.ndarray, kept: np.ndarray,
+                     truth: np.ndarray | None) -> None:
+    with open(path, "w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(SPLIT_FIELDS + (("poisoned",) if truth is not None else ()))
+        for i, rel in enumerate(paths):
+            row = [i, rel, int(labels[i]), f"{scores[i]:.9g}", int(kept[i])]
+            writer.writerow(row + ([int(truth[i])] if truth is not None else []))
+
+
+def describe(summary: dict[str, Any]) -> str:
+    """The split's report for a terminal: threshold, sizes, per-class shares, verdict."""
+    lines = [
+        f"threshold {summary['threshold']:.6g} ({summary['settings']['method']})",
+        f"kept      {summary['kept']:>7} ({summary['kept_share']:.1%}, gamma)",
+        f"isolated  {summary['isolated']:>7} ({summary['isolated_share']:.1%})",
+        "",
+        f"{'class':<20} {'samples':>8} {'isolated':>9} {'of class':>9} {'of isolated':>12} {'of core':>8} "
+        f"{'of data':>8}",
+    ]
+    for row in summary["per_class"]:  # class names are the user's folder names: one escaped line each
+        lines.append(f"{printable(row['class'])[:20]:<20} {row['samples']:>8} {row['isolated']:>9} "
+                     f"{row['isolated_share']:>9.1%} {row['share_of_isolated']:>12.1%} {row['share_of_core']:>8.1%} "
+                     f"{row['share_of_data']:>8.1%}")
+    lines += ["", f"suspected target class: {printable(summary['suspected_class'])} "
+              f"(concentration {summary['concentration']:.2f}, at least {summary.get('concentration_low', 0.0):.2f} "
+              f"with {summary.get('concentration_confidence', 0.95):.0%} confidence, in the core of the "
+              f"{summary['core_size']} most robust isolated samples; "
+              f"suspected at {summary['concentration_threshold']})",
+              f"verdict: {summary['verdict']}"]
+    lines += [f"warning: {w}" for w in summary.get("warnings", [])]
+    truth = summary.get("ground_truth")
+    if truth:
+        recall = truth["recall"]  # undefined (NaN, or null once read back from JSON) without any poison
+        recall_text = f"{recall:.1%}" if isinstance(recall, float) and math.isfinite(recall) else "n/a (no poison)"
+        lines.append(f"ground truth: rho {truth['rho']:.2%} -> rho_vul {truth['rho_vul']:.2%}; isolated set "
+                     f"precision {truth['precision']:.1%}, recall {recall_text}")
+    for gate in summary.get("gates", []):
+        lines.append(f"gate failed: {gate}")
+    return "\n".join(lines)
