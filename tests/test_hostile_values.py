@@ -101,7 +101,7 @@ def test_hostile_names_through_split_print_escaped(hostile_scan: dict[str, Path]
 
 
 def test_csv_cells_hold_the_exact_names(hostile_scan: dict[str, Path]) -> None:
-    """The chosen policy (README, Data handling): scores.csv and split.csv hold file and class names as
+    """The chosen policy (docs/data-handling.md): scores.csv and split.csv hold file and class names as
     they are, formula-like cells included, since split matches them byte for byte against the files."""
     with open(hostile_scan["work"] / "scan" / "scores.csv", newline="", encoding="utf-8") as fh:
         rows = list(csv.DictReader(fh))

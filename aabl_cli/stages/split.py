@@ -2,7 +2,7 @@
 
 Otsu's threshold over the raw scores (`core.threshold`); samples below it are *isolated*
 (D_rob), the rest *kept* (D_vul); `kept_share` is the paper's gamma. At least `min_isolated`
-of the set is isolated (see README: the paper's Table 1 implies a 10 % floor). A backdoor's
+of the set is isolated (see docs/departures.md: the paper's Table 1 implies a 10 % floor). A backdoor's
 poisons share one label, so the class make-up of the isolated set's most robust core decides
 the verdict.
 """

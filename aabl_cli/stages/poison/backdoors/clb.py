@@ -6,7 +6,7 @@ from its own (target) label by PGD (eps 16/255, step 2/255, 30 steps, random sta
 its content is hard to learn and the model leans on the trigger instead; then the trigger,
 a 3x3 (at 32 px) black-and-white checkerboard in all four corners, is stamped on top. The
 ASR set (`--test`) gets the checkerboards only. Turner et al. attack an adversarially
-trained model; ours is trained plainly (see the README).
+trained model; ours is trained plainly (see docs/departures.md).
 """
 
 from __future__ import annotations
