@@ -25,6 +25,9 @@ from aabl_cli.options import (
     emit,
     one_backdoor,
     parse_milestones,
+    precision_option,
+    recipe_options,
+    run_stage_flags,
     run_stage_options,
     scaled_lr,
     show_warning,
@@ -152,6 +155,7 @@ def split(as_json: bool, quiet: bool, **options: Any) -> None:
 @click.option("--milestones", default=None,
               help="Epochs at which the learning rate drops x0.1, comma-separated.  [default: 50 %, 75 % and "
                    "90 % of --epochs]")
+@recipe_options("")
 @click.option("--val", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
               help="Image folder evaluated after each epoch (clean and PGD accuracy on a seeded, class-balanced "
                    "subset of up to 1,000 images).")
@@ -166,12 +170,17 @@ def train(data: Path | None, milestones: str | None, as_json: bool, **options: A
     from aabl_cli.stages.train import train as run_train
 
     options["lr"] = scaled_lr(options, "lr")
-    summary = run_train(data, milestones=parse_milestones(milestones, options["epochs"]), **options)
+    summary = run_train(data, milestones=parse_milestones(milestones, options["epochs"], options["schedule"]),
+                        **options)
     if not launched_as_main():
         return
-    final = summary["final"]
+    final, epochs = summary["final"], summary["settings"]["epochs"]
     extra = "".join(f", {k} {final[k]:.1%}" for k in ("val_acc", "val_ra") if k in final)
-    text = (f"trained {summary['settings']['epochs']} epochs on {summary['samples']} images in "
+    if summary["collapse_epoch"] is not None:
+        extra += f"\nval_ra collapsed at epoch {summary['collapse_epoch']} (catastrophic overfitting)"
+    if summary["kept_epoch"] != epochs:
+        extra += f"\nsaved epoch {summary['kept_epoch']}, the best val_ra ({summary['best_val_ra']:.1%})"
+    text = (f"trained {epochs} epochs on {summary['samples']} images in "
             f"{summary['seconds']['total']:.0f} s: train accuracy {final.get('train_acc', float('nan')):.1%}{extra}\n"
             f"wrote {Workdir(options['workdir']).train.path}/ (model.safetensors, train.json, history.csv)")
     emit(summary, as_json, text)
@@ -251,6 +260,7 @@ def poison(data: Path, backdoor: str | None, old_backdoor: str | None, as_json: 
 @click.option("--seed", type=int, default=0, show_default=True, help="Seeds PGD's random start.")
 @click.option("--cache-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Where decoded datasets are cached.  [default: $XDG_CACHE_HOME/aabl]")
+@precision_option()
 @click.option("--quiet", is_flag=True, help="No progress bars or log lines.")
 def evaluate(model: Path, test: Path, eps: float, step_size: float, steps: int, restarts: int, out: Path | None,
              **options: Any) -> None:
@@ -331,48 +341,7 @@ def demo(as_json: bool, **options: Any) -> None:
 
 @cli.command("run")
 @click.argument("data", type=click.Path(exists=True, file_okay=False, path_type=Path))
-@click.option("--arch", type=click.Choice(ARCH_CHOICES), default="resnet18", show_default=True,
-              help="Network of both scan and train; cnn is a small residual CNN that is quick on a CPU.")
-@click.option("--batch-size", type=click.IntRange(2), default=128, show_default=True,
-              help="Training batch size of scan and train (per process under torchrun).")
-@click.option("--image-size", type=click.IntRange(16, 1024), default=None,
-              help="Resize images to N x N px.  [default: the most common size in the folder]")
-@click.option("--compile", is_flag=True, help="torch.compile scan's and train's passes.")
-@click.option("--scan-epochs", type=click.IntRange(1), default=20, show_default=True,
-              help="scan: naive training epochs (Adam).")
-@click.option("--scan-lr", type=FiniteFloat(min=0, min_open=True), default=1e-3, show_default=True,
-              help="scan: Adam learning rate.")
-@click.option("--scan-eps", type=BUDGET, default="2/255", show_default=True, help="scan: iFGSM scoring budget.")
-@click.option("--scan-step-size", type=BUDGET, default="2/255", show_default=True, help="scan: iFGSM step size.")
-@click.option("--scan-steps", type=click.IntRange(1), default=5, show_default=True, help="scan: iFGSM steps.")
-@click.option("--method", type=click.Choice(["otsu", "quantile", "fixed"]), default="otsu", show_default=True,
-              help="split: otsu, quantile (--fraction) or fixed (--threshold).")
-@click.option("--fraction", type=SHARE, default=None, help="split, --method quantile: the share to isolate.")
-@click.option("--threshold", type=FiniteFloat(), default=None, help="split, --method fixed: isolate scores below this.")
-@click.option("--min-isolated", type=SHARE, default="0.10", show_default=True,
-              help="split, Otsu: isolate at least this share.")
-@click.option("--link", type=click.Choice(["copy", "hardlink", "symlink"]), default="copy", show_default=True,
-              help="split: how kept/ and isolated/ get their files.")
-@click.option("--fail-over", type=SHARE, default=None,
-              help="CI gate: after the split, exit 3 (before training) when more than this share is isolated.")
-@click.option("--fail-on-suspect", is_flag=True,
-              help="CI gate: after the split, exit 3 (before training) when the verdict is 'backdoor suspected'.")
-@click.option("--train-epochs", type=click.IntRange(1), default=100, show_default=True, help="train: epochs.")
-@click.option("--train-eps", type=BUDGET, default="8/255", show_default=True,
-              help="train: PGD budget; 0 trains plainly.")
-@click.option("--train-step-size", type=BUDGET, default="2/255", show_default=True, help="train: PGD step size.")
-@click.option("--train-steps", type=click.IntRange(1), default=10, show_default=True, help="train: PGD steps.")
-@click.option("--adv-method", type=click.Choice(["pgd", "fgsm-rs"]), default="pgd", show_default=True,
-              help="train: pgd, or fgsm-rs (one FGSM step of 1.25 x eps from a random start).")
-@click.option("--train-lr", type=FiniteFloat(min=0, min_open=True), default=0.1, show_default=True,
-              help="train: SGD learning rate; left at its default it scales with the effective batch.")
-@click.option("--momentum", type=FiniteFloat(0, 1), default=0.9, show_default=True, help="train: SGD momentum.")
-@click.option("--weight-decay", type=FiniteFloat(min=0), default=5e-4, show_default=True,
-              help="train: SGD weight decay.")
-@click.option("--milestones", default=None,
-              help="train: epochs at which the learning rate drops x0.1.  [default: 50 %, 75 % and 90 %]")
-@click.option("--val", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
-              help="train: image folder evaluated after each epoch.")
+@run_stage_flags
 @click.option("--dry-run", is_flag=True,
               help="Print the plan (which stages run, which are already done) and an estimated time for this "
                    "machine, measured on a few training steps; run nothing.")

@@ -18,6 +18,10 @@ from aabl_cli.core.errors import AablError, GateFailed
 from aabl_cli.core.text import json_text, printable
 
 ARCH_CHOICES = ("cnn", "resnet18", "resnet34", "vgg16", "mobilenetv2", "densenet121")
+# core.loop.SCHEDULES, core.device.PRECISIONS and stages.train.KEEP, spelled out so that `--help` need not import torch
+SCHEDULE_CHOICES = ("step", "onecycle")
+PRECISION_CHOICES = ("auto", "bf16", "fp32")
+KEEP_CHOICES = ("best", "last")
 # stages.poison.BACKDOORS' keys and what each does, spelled out so that `--help` need not import torch
 BACKDOOR_CHOICES = ("badnets", "blend", "trojan", "wanet", "iab", "ssba", "clb")
 BACKDOOR_HELP = """\b
@@ -171,12 +175,61 @@ def common_options(func: Callable[..., Any]) -> Callable[..., Any]:
                      help="Largest image read, in pixels (width x height), checked from the file's header before "
                           "decoding: a small file can claim gigabytes of pixels (a decompression bomb). A larger "
                           "image counts as a bad file (see --on-bad-file)."),
+        precision_option(),
         click.option("--quiet", is_flag=True, help="No progress bars or log lines."),
         click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON on stdout."),
     ]
     for option in reversed(options):
         func = option(func)
     return func
+
+
+def precision_option() -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """--precision, of every command that runs a network on many images (scan, train, evaluate, run)."""
+    return click.option(
+        "--precision", type=click.Choice(PRECISION_CHOICES), default="auto", show_default=True,
+        help="Arithmetic of the forward passes. auto: bf16 autocast on CUDA, float32 elsewhere. bf16: bf16 "
+             "autocast on the CPU too, with channels_last tensors: on CPUs with AMX (Intel Sapphire Rapids and "
+             "later) several times faster for --arch cnn (2.7x and 4.4x measured on two such machines, plain "
+             "training at batch 128 on one thread), elsewhere it may be slower than float32; numbers differ "
+             "from float32 by bf16 rounding. fp32: float32 everywhere, also on CUDA, where it gives up the bf16 "
+             "speed-up. Attack perturbations stay float32 in every mode.")
+
+
+def recipe_options(prefix: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """`aabl train`'s --schedule, --ema and --keep; `aabl run` spells the first two --train-schedule and
+    --train-ema (`prefix` "train-", the help then starting "train: ")."""
+    def text(help_text: str) -> str:
+        return f"train: {help_text[0].lower()}{help_text[1:]}" if prefix else help_text
+
+    def wrap(func: Callable[..., Any]) -> Callable[..., Any]:
+        options = [
+            click.option(
+                f"--{prefix}schedule", type=click.Choice(SCHEDULE_CHOICES), default="step", show_default=True,
+                help=text("Learning-rate schedule. step: the paper's, the rate drops x0.1 at each of --milestones. "
+                          "onecycle: set every batch, rising linearly from 0 to the learning rate over the first 40 % "
+                          "of the iterations, then falling linearly to 0 at the end (Smith; Wong, Rice & Kolter "
+                          "2020); it takes no --milestones. Neither costs anything per batch.")),
+            click.option(
+                f"--{prefix}ema", type=FiniteFloat(0, 1, max_open=True), default=0.0, show_default=True,
+                metavar="DECAY",
+                help=text("Validate and save an exponential moving average of the weights and batch-norm "
+                          "statistics, updated after every optimizer step with this decay (0.995 averages over "
+                          "roughly the last 200 steps; warm-up: min(DECAY, (1 + t) / (10 + t)) after t steps). 0: "
+                          "off. Costs a second copy of the model in memory and in the resume state, and a few "
+                          "element-wise operations per step.")),
+            click.option(
+                "--keep", type=click.Choice(KEEP_CHOICES), default="best", show_default=True,
+                help=text("Which epoch's weights are saved as model.safetensors when --val is given: best, the "
+                          "epoch with the highest val_ra (the later on a tie), which guards against catastrophic "
+                          "overfitting (a collapse of val_ra below half its best is logged and recorded in "
+                          "train.json); last, the last epoch. Without --val the last epoch is saved. best costs "
+                          "another copy of the weights in memory and in the resume state.")),
+        ]
+        for option in reversed(options):
+            func = option(func)
+        return func
+    return wrap
 
 
 def training_options(default_arch: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
@@ -237,9 +290,13 @@ def scaled_lr(options: dict[str, Any], name: str) -> float:
     return scaled
 
 
-def parse_milestones(text: str | None, epochs: int) -> list[int] | None:
+def parse_milestones(text: str | None, epochs: int, schedule: str = "step") -> list[int] | None:
     if text is None:
         return None
+    if schedule != "step":
+        raise click.BadParameter(f"the milestones of the step schedule do not apply to {schedule}, which sets the "
+                                 "rate every batch: drop --milestones, or use the step schedule",
+                                 param_hint="--milestones")
     try:
         values = sorted(int(v) for v in text.split(",") if v.strip())
     except ValueError as err:
@@ -262,17 +319,76 @@ def one_backdoor(backdoor: str | None, old_backdoor: str | None) -> str:
     return chosen
 
 
+def run_stage_flags(func: Callable[..., Any]) -> Callable[..., Any]:
+    """`aabl run`'s options of the stages, those `run_stage_options` hands to each: shared ones, then
+    scan's (--scan-*), split's, train's (--train-* and train's own names)."""
+    options = [
+        click.option("--arch", type=click.Choice(ARCH_CHOICES), default="resnet18", show_default=True,
+                     help="Network of both scan and train; cnn is a small residual CNN that is quick on a CPU."),
+        click.option("--batch-size", type=click.IntRange(2), default=128, show_default=True,
+                     help="Training batch size of scan and train (per process under torchrun)."),
+        click.option("--image-size", type=click.IntRange(16, 1024), default=None,
+                     help="Resize images to N x N px.  [default: the most common size in the folder]"),
+        click.option("--compile", is_flag=True, help="torch.compile scan's and train's passes."),
+        click.option("--scan-epochs", type=click.IntRange(1), default=20, show_default=True,
+                     help="scan: naive training epochs (Adam)."),
+        click.option("--scan-lr", type=FiniteFloat(min=0, min_open=True), default=1e-3, show_default=True,
+                     help="scan: Adam learning rate."),
+        click.option("--scan-eps", type=BUDGET, default="2/255", show_default=True,
+                     help="scan: iFGSM scoring budget."),
+        click.option("--scan-step-size", type=BUDGET, default="2/255", show_default=True,
+                     help="scan: iFGSM step size."),
+        click.option("--scan-steps", type=click.IntRange(1), default=5, show_default=True, help="scan: iFGSM steps."),
+        click.option("--method", type=click.Choice(["otsu", "quantile", "fixed"]), default="otsu", show_default=True,
+                     help="split: otsu, quantile (--fraction) or fixed (--threshold)."),
+        click.option("--fraction", type=SHARE, default=None, help="split, --method quantile: the share to isolate."),
+        click.option("--threshold", type=FiniteFloat(), default=None,
+                     help="split, --method fixed: isolate scores below this."),
+        click.option("--min-isolated", type=SHARE, default="0.10", show_default=True,
+                     help="split, Otsu: isolate at least this share."),
+        click.option("--link", type=click.Choice(["copy", "hardlink", "symlink"]), default="copy", show_default=True,
+                     help="split: how kept/ and isolated/ get their files."),
+        click.option("--fail-over", type=SHARE, default=None,
+                     help="CI gate: after the split, exit 3 (before training) when more than this share is isolated."),
+        click.option("--fail-on-suspect", is_flag=True,
+                     help="CI gate: after the split, exit 3 (before training) when the verdict is "
+                          "'backdoor suspected'."),
+        click.option("--train-epochs", type=click.IntRange(1), default=100, show_default=True, help="train: epochs."),
+        click.option("--train-eps", type=BUDGET, default="8/255", show_default=True,
+                     help="train: PGD budget; 0 trains plainly."),
+        click.option("--train-step-size", type=BUDGET, default="2/255", show_default=True,
+                     help="train: PGD step size."),
+        click.option("--train-steps", type=click.IntRange(1), default=10, show_default=True, help="train: PGD steps."),
+        click.option("--adv-method", type=click.Choice(["pgd", "fgsm-rs"]), default="pgd", show_default=True,
+                     help="train: pgd, or fgsm-rs (one FGSM step of 1.25 x eps from a random start)."),
+        click.option("--train-lr", type=FiniteFloat(min=0, min_open=True), default=0.1, show_default=True,
+                     help="train: SGD learning rate; left at its default it scales with the effective batch."),
+        click.option("--momentum", type=FiniteFloat(0, 1), default=0.9, show_default=True, help="train: SGD momentum."),
+        click.option("--weight-decay", type=FiniteFloat(min=0), default=5e-4, show_default=True,
+                     help="train: SGD weight decay."),
+        click.option("--milestones", default=None,
+                     help="train: epochs at which the learning rate drops x0.1.  [default: 50 %, 75 % and 90 %]"),
+        recipe_options("train-"),
+        click.option("--val", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
+                     help="train: image folder evaluated after each epoch."),
+    ]
+    for option in reversed(options):
+        func = option(func)
+    return func
+
+
 def run_stage_options(o: dict[str, Any]) -> tuple[dict[str, Any], ...]:
     """`aabl run`'s options as each stage's keyword options: (common to scan and train, scan's, split's,
     train's). A stage's own flags carry its name (--scan-epochs -> scan's `epochs`)."""
     common = {k: o[k] for k in ("device", "cache_dir", "on_bad_file", "max_image_pixels", "image_size")}
-    shared = {"arch": o["arch"], "batch_size": o["batch_size"], "seed": o["seed"], "compile": o["compile"]}
+    shared = {k: o[k] for k in ("arch", "batch_size", "seed", "compile", "precision")}
     scan = {"epochs": o["scan_epochs"], "lr": o["scan_lr"], "eps": o["scan_eps"], "step_size": o["scan_step_size"],
             "steps": o["scan_steps"], "resume": "auto", **shared}
     split = {k: o[k] for k in ("method", "fraction", "threshold", "min_isolated", "link", "fail_over",
                                "fail_on_suspect")}
     train = {"epochs": o["train_epochs"], "eps": o["train_eps"], "step_size": o["train_step_size"],
              "steps": o["train_steps"], "adv_method": o["adv_method"], "lr": o["train_lr"], "momentum": o["momentum"],
-             "weight_decay": o["weight_decay"], "val": o["val"], "resume": "auto",
-             "milestones": parse_milestones(o["milestones"], o["train_epochs"]), **shared}
+             "weight_decay": o["weight_decay"], "schedule": o["train_schedule"], "ema": o["train_ema"],
+             "keep": o["keep"], "val": o["val"], "resume": "auto",
+             "milestones": parse_milestones(o["milestones"], o["train_epochs"], o["train_schedule"]), **shared}
     return common, scan, split, train

@@ -88,6 +88,13 @@ def test_share_accepts_fractions_and_percentages(text, value):
     ("scan", ["--arch", "transformer"], "--arch"),
     ("split", ["--min-isolated", "1.5"], "outside [0, 1]"),
     ("split", ["--fail-over", "abc"], "not a fraction"),
+    ("train", ["--schedule", "onecycle", "--milestones", "1"], "do not apply to onecycle"),
+    ("train", ["--ema", "1"], "--ema"),
+    ("train", ["--ema", "-0.1"], "--ema"),
+    ("train", ["--keep", "first"], "--keep"),
+    ("train", ["--precision", "fp16"], "--precision"),
+    ("run", ["--train-schedule", "onecycle", "--milestones", "1"], "do not apply to onecycle"),
+    ("run", ["--train-ema", "1.5"], "--train-ema"),
 ])
 def test_bad_options_exit_2_with_a_message(tiny_data, tmp_path, command, args, message):
     data = [] if command == "split" else [tiny_data]
@@ -325,3 +332,43 @@ def test_train_scales_the_default_learning_rate_with_the_batch(tiny_data, tmp_pa
     saved = json.loads((work / "train" / "train.json").read_text())
     assert saved["settings"]["lr"] == pytest.approx(lr)
     assert ("learning rate scaled" in result.output) == (lr == 0.025)
+
+
+def test_recipe_and_precision_flags_reach_the_stages_records(tiny_data, tmp_path):
+    """--schedule, --ema, --keep and --precision: one name from flag to train.json, and evaluate's JSON."""
+    work, val = tmp_path / "w", make_folder(tmp_path / "val", classes=3, per_class=2, seed=5)
+    result = invoke("train", tiny_data, "--arch", "cnn", "--epochs", "2", "--steps", "1", "--batch-size", "16",
+                    "--device", "cpu", "--workdir", work, "--cache-dir", tmp_path / "c", "--val", val, "--quiet",
+                    "--schedule", "onecycle", "--ema", "0.9", "--keep", "last", "--precision", "bf16", "--json")
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)
+    settings = json.loads((work / "train" / "train.json").read_text())["settings"]
+    assert {k: settings[k] for k in ("schedule", "ema", "keep", "precision", "milestones")} == {
+        "schedule": "onecycle", "ema": 0.9, "keep": "last", "precision": "bf16", "milestones": []}
+    assert summary["kept_epoch"] == 2 and "collapse_epoch" in summary and "best_val_ra" in summary
+    evaluated = invoke("evaluate", work / "train" / "model.safetensors", val, "--steps", "1", "--device", "cpu",
+                       "--cache-dir", tmp_path / "c", "--quiet", "--precision", "bf16")
+    assert evaluated.exit_code == 0, evaluated.output
+    assert json.loads(evaluated.stdout)["precision"] == "bf16"
+
+
+def test_the_choices_spelled_in_options_are_the_cores():
+    from aabl_cli.core.device import PRECISIONS
+    from aabl_cli.core.loop import SCHEDULES
+    from aabl_cli.options import KEEP_CHOICES, PRECISION_CHOICES, SCHEDULE_CHOICES
+    from aabl_cli.stages.train import KEEP
+
+    assert (SCHEDULE_CHOICES, PRECISION_CHOICES, KEEP_CHOICES) == (SCHEDULES, PRECISIONS, KEEP)
+
+
+def test_train_says_which_epoch_it_saved_and_when_val_ra_collapsed(tiny_data, tmp_path, monkeypatch):
+    import aabl_cli.stages.train as train_mod
+
+    scripted = [0.5, 0.2]  # val_ra: best at epoch 1, below half of it at epoch 2
+    monkeypatch.setattr(train_mod, "accuracy", lambda *args, threat=None, **kwargs: scripted.pop(0) if threat else 1.0)
+    val = make_folder(tmp_path / "val", classes=3, per_class=2, seed=5)
+    result = invoke("train", tiny_data, "--arch", "cnn", "--epochs", "2", "--steps", "1", "--device", "cpu",
+                    "--workdir", tmp_path / "w", "--cache-dir", tmp_path / "c", "--val", val)
+    assert result.exit_code == 0, result.output
+    assert "val_ra collapsed at epoch 2" in result.stdout and "saved epoch 1, the best val_ra (50.0%)" in result.stdout
+    assert "robust accuracy collapsed at epoch 2" in result.stderr  # the log line, when it happened

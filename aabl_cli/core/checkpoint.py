@@ -14,8 +14,9 @@ import json
 import os
 import re
 import uuid
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -187,13 +188,22 @@ def _check_tensors(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
             raise ValueError(f"{key} holds non-finite values")
 
 
+class Stateful(Protocol):
+    """What a resume state holds besides the optimizer: a model, its moving average, a kept epoch."""
+
+    def state_dict(self) -> dict[str, torch.Tensor]: ...
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> Any: ...
+
+
 def save_state(path: Path, *, optimizer: torch.optim.Optimizer, epoch: int, rng: torch.Tensor,
-               generator: torch.Tensor, meta: dict[str, str], model: nn.Module | None = None) -> None:
-    """Resume state: optimizer tensors, the last finished epoch, both RNG states and, with `model`, its
-    weights. One file is one atomic commit, so a kill at any moment leaves a consistent state."""
+               generator: torch.Tensor, meta: dict[str, str], parts: Mapping[str, Stateful] | None = None) -> None:
+    """Resume state: optimizer tensors, the last finished epoch, both RNG states and each of `parts`'
+    tensors under its name (`model.` + the model's keys). One file is one atomic commit, so a kill at
+    any moment leaves a consistent state."""
     tensors: dict[str, torch.Tensor] = {"rng": rng.clone(), "generator": generator.clone()}
-    if model is not None:
-        tensors.update({f"model.{k}": v.detach().cpu().contiguous() for k, v in model.state_dict().items()})
+    for name, part in (parts or {}).items():
+        tensors.update({f"{name}.{k}": v.detach().cpu().contiguous() for k, v in part.state_dict().items()})
     opt = optimizer.state_dict()
     for index, slots in opt["state"].items():
         for name, value in slots.items():
@@ -203,9 +213,9 @@ def save_state(path: Path, *, optimizer: torch.optim.Optimizer, epoch: int, rng:
 
 
 def load_state(path: Path, optimizer: torch.optim.Optimizer,
-               model: nn.Module | None = None) -> tuple[int, torch.Tensor, torch.Tensor, dict[str, str]]:
-    """Restore the optimizer (and `model`'s weights) from `path`; returns (epochs done, torch RNG
-    state, generator state, metadata)."""
+               parts: Mapping[str, Stateful] | None = None) -> tuple[int, torch.Tensor, torch.Tensor, dict[str, str]]:
+    """Restore the optimizer and each of `parts` from `path`; returns (epochs done, torch RNG state,
+    generator state, metadata)."""
     try:
         tensors = load_file(str(path))
         with safe_open(str(path), framework="pt") as fh:
@@ -216,9 +226,9 @@ def load_state(path: Path, optimizer: torch.optim.Optimizer,
                 _, index, name = key.split(".", 2)
                 state.setdefault(int(index), {})[name] = value
         optimizer.load_state_dict({"state": state, "param_groups": json.loads(meta["param_groups"])})
-        if model is not None:
-            weights = {k.removeprefix("model."): v for k, v in tensors.items() if k.startswith("model.")}
-            model.load_state_dict(weights, strict=True)
+        for part_name, part in (parts or {}).items():
+            prefix = f"{part_name}."
+            part.load_state_dict({k.removeprefix(prefix): v for k, v in tensors.items() if k.startswith(prefix)})
         return int(meta["epoch"]), tensors["rng"], tensors["generator"], meta
     except (SafetensorError, OSError, KeyError, ValueError, RuntimeError, json.JSONDecodeError) as err:
         raise AablError(f"{path}: the resume state is damaged ({err}); delete it and start without --resume") from err

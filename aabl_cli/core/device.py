@@ -1,9 +1,16 @@
-"""Device choice, seeding and mixed precision in one place."""
+"""Device choice, seeding and mixed precision in one place.
+
+Precision is a stage-wide setting: a stage enters `use_precision(name)` for its duration, and
+`autocast`, `channels_last` (thus `prepare_model` and `pixels.batch_to_float`) read it, so
+the training loop, the attacks and the evaluation passes take it without an argument each.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import random
+from collections.abc import Iterator
 
 import numpy as np
 import torch
@@ -45,17 +52,49 @@ def make_generator(device: torch.device, seed: int) -> torch.Generator:
     return torch.Generator(device=device).manual_seed(seed)
 
 
-def autocast(device: torch.device) -> contextlib.AbstractContextManager[None]:
-    """bf16 autocast on CUDA (float32 master weights); plain float32 elsewhere."""
-    if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
+PRECISIONS = ("auto", "bf16", "fp32")
+_PRECISION: contextvars.ContextVar[str] = contextvars.ContextVar("aabl_precision", default="auto")
+
+
+@contextlib.contextmanager
+def use_precision(name: str) -> Iterator[None]:
+    """Run the block's forward passes in `name` (one of PRECISIONS): auto is bf16 autocast on
+    CUDA and float32 elsewhere; bf16 is bf16 autocast on CUDA and on the CPU; fp32 never autocasts."""
+    if name not in PRECISIONS:
+        raise AablError(f"unknown --precision {name!r}; use one of {', '.join(PRECISIONS)}")
+    token = _PRECISION.set(name)
+    try:
+        yield
+    finally:
+        _PRECISION.reset(token)
+
+
+def uses_bf16(device: torch.device) -> bool:
+    """Whether forward passes on `device` autocast to bf16 under the current `use_precision`."""
+    name = _PRECISION.get()
+    if name == "bf16" and device.type not in ("cuda", "cpu"):
+        raise AablError(f"--precision bf16 runs on CUDA or the CPU, not on {device.type}; use --precision auto "
+                        "or fp32 there")
+    return device.type == "cuda" if name == "auto" else name == "bf16"
+
+
+def channels_last(device: torch.device) -> bool:
+    """Models and batches in channels_last: always on CUDA, and on the CPU under bf16 (oneDNN's fast layout)."""
+    return device.type == "cuda" or (device.type == "cpu" and uses_bf16(device))
+
+
+def autocast(device: torch.device, *, cache_enabled: bool = True) -> contextlib.AbstractContextManager[None]:
+    """bf16 autocast where `uses_bf16` (float32 master weights); plain float32 elsewhere."""
+    if uses_bf16(device):
+        return torch.autocast(device.type, dtype=torch.bfloat16, cache_enabled=cache_enabled)
     return contextlib.nullcontext()
 
 
 def prepare_model(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
-    """Move to the device; channels_last and cuDNN autotuning on CUDA."""
+    """Move to the device; channels_last where `channels_last` says; cuDNN autotuning on CUDA."""
     model = model.to(device)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
+    if channels_last(device):
         model = model.to(memory_format=torch.channels_last)
     return model

@@ -14,19 +14,22 @@ after a recording fails.
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 
 import torch
 from torch import nn
 
 from aabl_cli.core.attacks import pgd, pgd_steps
+from aabl_cli.core.device import autocast
 
 WARMUP = 3  # eager runs on a side stream before recording (autograd and cuDNN set themselves up)
 MAX_GRAPHS = 4  # recorded batch shapes per attack (each holds its own activation memory)
 
 
 class GraphedAttack:
-    """`attack(x, y, generator)` = `pgd(model, x, y, ...)` under bf16 autocast, replayed from a CUDA graph.
+    """`attack(x, y, generator)` = `pgd(model, x, y, ...)` under `device.autocast` (the stage's
+    precision; `amp=False`: float32), replayed from a CUDA graph.
 
     The random start is drawn outside the graph with the caller's generator, so runs stay
     seeded. The model must already be in the mode it is attacked in (eval); its parameters
@@ -37,7 +40,7 @@ class GraphedAttack:
                  device: torch.device, graphs: bool = True, amp: bool = True) -> None:
         self.model, self.eps, self.step_size, self.steps = model, eps, step_size, steps
         self.random_start, self.device = random_start, device
-        self.amp = amp and device.type == "cuda"  # bf16 autocast, as everywhere on CUDA (False: float32)
+        self.amp = amp
         self.enabled = graphs and device.type == "cuda" and eps > 0 and steps > 0
         self._graphs: dict[tuple[int, ...], tuple[torch.cuda.CUDAGraph, dict[str, torch.Tensor]]] = {}
         self._seen: dict[tuple[int, ...], int] = {}
@@ -48,7 +51,7 @@ class GraphedAttack:
         self._seen[key] = self._seen.get(key, 0) + 1
         if (not self.enabled or self._failed
                 or (key not in self._graphs and (self._seen[key] < 2 or len(self._graphs) >= MAX_GRAPHS))):
-            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.amp):
+            with self._autocast():
                 return pgd(self.model, x, y, eps=self.eps, step_size=self.step_size, steps=self.steps,
                            random_start=self.random_start, generator=generator)
         x = x.detach().float()
@@ -75,8 +78,11 @@ class GraphedAttack:
 
     def _steps(self, x: torch.Tensor, y: torch.Tensor, start: torch.Tensor) -> torch.Tensor:
         # no autocast weight cache: a recorded graph must cast the weights it reads at every replay
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.amp, cache_enabled=False):
+        with self._autocast(cache_enabled=False):
             return x + pgd_steps(self.model, x, y, start, eps=self.eps, step_size=self.step_size, steps=self.steps)
+
+    def _autocast(self, cache_enabled: bool = True) -> contextlib.AbstractContextManager[None]:
+        return autocast(self.device, cache_enabled=cache_enabled) if self.amp else contextlib.nullcontext()
 
     def _record(self, x: torch.Tensor, y: torch.Tensor,
                 start: torch.Tensor) -> tuple[torch.cuda.CUDAGraph, dict[str, torch.Tensor]]:

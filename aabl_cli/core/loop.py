@@ -3,8 +3,9 @@
 The loop works on the uint8 dataset tensor: batches are `randperm` slices, augmentation
 (random crop with padding, horizontal flip) is batched tensor work, and the float
 conversion happens per batch. Loss and accuracy accumulate as tensors, so nothing
-waits for the device inside the loop. What happens between epochs (checkpoints, resume
-state: `core.resume`) is the caller's `on_epoch`.
+waits for the device inside the loop. The learning rate is a function of the fractional
+epoch, set before every batch (`step_schedule`, `onecycle_schedule`). What happens between
+epochs (checkpoints, resume state: `core.resume`) is the caller's `on_epoch`.
 """
 
 from __future__ import annotations
@@ -24,12 +25,15 @@ from aabl_cli.core import distributed
 from aabl_cli.core.attacks import Threat
 from aabl_cli.core.data import ImageDataset, load_image_folder
 from aabl_cli.core.device import autocast, make_generator, resolve_device
+from aabl_cli.core.ema import EMA
 from aabl_cli.core.fuse import AttackView
 from aabl_cli.core.graphs import GraphedAttack
 from aabl_cli.core.pixels import batch_to_float
 from aabl_cli.core.progress import log, progress
 
 CPU_WARN_SECONDS = 3600
+SCHEDULES = ("step", "onecycle")
+ONECYCLE_PEAK = 0.4  # share of the iterations over which onecycle rises to its peak
 RANK_SEED_STRIDE = 1_000_003  # each process samples with its own generator: seed + stride * rank
 
 
@@ -50,14 +54,35 @@ def batch_augment(images: torch.Tensor, generator: torch.Generator) -> torch.Ten
     return out.permute(0, 3, 1, 2).contiguous()
 
 
-def lr_at(epoch: int, *, lr: float, milestones: list[int]) -> float:
-    """Step schedule: x0.1 at each milestone epoch (0-based epoch index)."""
-    return lr * 0.1 ** sum(1 for m in milestones if epoch >= m)
+def lr_at(epoch: float, *, lr: float, milestones: list[int]) -> float:
+    """Step schedule: x0.1 at each milestone epoch; `epoch` is 0-based and may be fractional
+    (epoch + batch / batches): the whole epoch keeps the rate of its start."""
+    whole = math.floor(epoch)
+    return lr * 0.1 ** sum(1 for m in milestones if whole >= m)
 
 
-def step_schedule(lr: float, milestones: Sequence[int] = ()) -> Callable[[int], float]:
-    """epoch (0-based) -> learning rate: `lr`, x0.1 at each milestone; constant without milestones."""
+def step_schedule(lr: float, milestones: Sequence[int] = ()) -> Callable[[float], float]:
+    """epoch (0-based, fractional) -> learning rate: `lr`, x0.1 at each milestone; constant without milestones."""
     return functools.partial(lr_at, lr=lr, milestones=list(milestones))
+
+
+def onecycle_at(epoch: float, *, lr: float, epochs: int, peak: float = ONECYCLE_PEAK) -> float:
+    """One cycle (Smith; Wong, Rice & Kolter 2020): from 0 up to `lr` linearly over the first `peak`
+    share of the `epochs`, then linearly down to 0 at the end; `epoch` is fractional and 0-based."""
+    top = peak * epochs
+    if epoch <= top:
+        return lr * epoch / top
+    return lr * max(0.0, epochs - epoch) / (epochs - top)
+
+
+def onecycle_schedule(lr: float, epochs: int) -> Callable[[float], float]:
+    """epoch (0-based, fractional) -> learning rate of the one-cycle schedule over `epochs`."""
+    return functools.partial(onecycle_at, lr=lr, epochs=epochs)
+
+
+def make_schedule(name: str, *, lr: float, epochs: int, milestones: Sequence[int] = ()) -> Callable[[float], float]:
+    """The schedule called `name` (SCHEDULES): step (x0.1 at each of `milestones`) or onecycle."""
+    return onecycle_schedule(lr, epochs) if name == "onecycle" else step_schedule(lr, milestones)
 
 
 def open_training_set(data: str | Path, *, device: str, quiet: bool, **load: Any
@@ -92,20 +117,23 @@ def sampling_generator(device: torch.device, seed: int) -> torch.Generator:
 
 
 def fit(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, *, optimizer: torch.optim.Optimizer,
-        epochs: int, batch_size: int, schedule: Callable[[int], float], device: torch.device,
-        threat: Threat | None = None, seed: int = 0, generator: torch.Generator | None = None,
-        start_epoch: int = 0, history: list[dict[str, Any]] | None = None,
+        epochs: int, batch_size: int, schedule: Callable[[float], float], device: torch.device,
+        threat: Threat | None = None, ema: EMA | None = None, seed: int = 0,
+        generator: torch.Generator | None = None, start_epoch: int = 0, history: list[dict[str, Any]] | None = None,
         on_epoch: Callable[[int, list[dict[str, Any]]], None] | None = None,
         validate: Callable[[], dict[str, float]] | None = None, compile: bool = False,
         desc: str = "training", quiet: bool = False) -> list[dict[str, Any]]:
     """Train `model` in place from `start_epoch` to `epochs`; returns the history (one row per epoch).
 
     `images` uint8 (N, C, H, W) and `labels` int64 (N,) may live on the CPU or on `device`.
-    `schedule(epoch)` gives each epoch's learning rate. With `threat` (eps > 0) every batch is
-    replaced by its PGD examples, made in eval mode (fixed batch-norm statistics), before the
-    training step. Batches are drawn with `generator` (default: `sampling_generator(seed)`).
-    `validate()` (rank 0) adds its numbers to each row; `on_epoch(epochs_done, history)` runs
-    after every epoch on every process (saving resume state: `core.resume.Resume.save`).
+    `schedule(t)` gives the learning rate of the batch at t = epoch + batch / batches (0-based);
+    a row's `lr` is its epoch's first. With `threat` (eps > 0) every batch is replaced by its
+    PGD examples, made in eval mode (fixed batch-norm statistics), before the training step.
+    `ema` (`core.ema.EMA`) is updated after every optimizer step. Batches are drawn with
+    `generator` (default: `sampling_generator(seed)`). `validate()` (rank 0; it picks the model
+    it measures: the EMA's when there is one) adds its numbers to each row;
+    `on_epoch(epochs_done, history)` runs after every epoch on every process (saving resume
+    state: `core.resume.Resume.save`).
     `compile`: torch.compile the passes, dropping each epoch's last partial batch.
     Under torchrun each process passes its own shard (all of the same size) and the model
     trains wrapped in DistributedDataParallel.
@@ -131,13 +159,12 @@ def fit(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, *, optimiz
                                random_start=threat.random_start, device=device, graphs=not compile)
     for epoch in range(start_epoch, epochs):
         lr = schedule(epoch)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
         t0 = time.perf_counter()
         loss_sum, correct, seen = _train_epoch(model, images, labels, optimizer=optimizer, batch_size=batch_size,
                                                device=device, generator=generator, compile=compile,
                                                warn_epochs=epochs if epoch == start_epoch else None,
                                                desc=f"{desc} {epoch + 1}/{epochs}", quiet=quiet, batches=batches,
+                                               schedule=schedule, epoch=epoch, ema=ema,
                                                view=view, step_model=step_model, attack=attack)
         totals = distributed.all_reduce_sum(torch.stack([loss_sum.double(), correct.double(),
                                                           torch.tensor(float(seen), device=device).double()]))
@@ -159,10 +186,13 @@ def fit(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, *, optimiz
 
 def _train_epoch(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, *, optimizer: torch.optim.Optimizer,
                  batch_size: int, device: torch.device, generator: torch.Generator, compile: bool,
-                 warn_epochs: int | None, desc: str, quiet: bool, batches: int, view: AttackView | None = None,
-                 step_model: nn.Module | None = None,
+                 warn_epochs: int | None, desc: str, quiet: bool, batches: int,
+                 schedule: Callable[[float], float], epoch: int, ema: EMA | None = None,
+                 view: AttackView | None = None, step_model: nn.Module | None = None,
                  attack: GraphedAttack | None = None) -> tuple[torch.Tensor, torch.Tensor, int]:
     """One epoch; returns the summed loss, the correct count (tensors on the device) and the samples seen.
+    Batch b of epoch `epoch` steps at the learning rate `schedule(epoch + b / batches)`; `ema` is
+    updated after each optimizer step.
     `view`: the model with batch norm folded (`fuse.AttackView`), refreshed before each batch's
     `attack` (a `graphs.GraphedAttack` on the view); `step_model`: what the training step calls
     (the model, or its compiled form). `warn_epochs`: on the CPU, estimate that many epochs from
@@ -191,7 +221,11 @@ def _train_epoch(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, *
             loss = F.cross_entropy(logits.float(), y)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        for group in optimizer.param_groups:
+            group["lr"] = schedule(epoch + b / batches)
         optimizer.step()
+        if ema is not None:
+            ema.update(model)
         loss_sum += loss.detach() * len(idx)
         correct += (logits.argmax(dim=1) == y).sum()
         seen += len(idx)

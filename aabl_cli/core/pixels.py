@@ -11,6 +11,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from aabl_cli.core.device import channels_last
+
 
 def batch_to_float(batch: torch.Tensor, device: torch.device) -> torch.Tensor:
     """uint8 (N, C, H, W) -> float32 in [0, 1] on `device` (converted per batch, never the whole set).
@@ -18,7 +20,7 @@ def batch_to_float(batch: torch.Tensor, device: torch.device) -> torch.Tensor:
     if device.type == "cuda" and batch.device.type == "cpu":
         batch = batch.pin_memory()
     x = batch.to(device, non_blocking=True).float().div_(255.0)
-    return x.contiguous(memory_format=torch.channels_last) if device.type == "cuda" else x
+    return x.contiguous(memory_format=torch.channels_last) if channels_last(device) else x
 
 
 def hwc_to_float(images: np.ndarray) -> torch.Tensor:

@@ -2,8 +2,9 @@
 
 `fit` knows nothing of files: a stage that can be interrupted (scan, train) makes a `Resume`,
 lets it restore the last finished epoch before `fit`, and passes `resume.save` as `fit`'s
-`on_epoch`, which writes the epoch's model, then the state (model, optimizer, RNGs, history)
-in one file, then history.csv. A kill at any moment resumes from the last complete epoch.
+`on_epoch`, which writes the epoch's model, then the state (model, optimizer, RNGs, history,
+and the stage's other parts: the weights' moving average, the best epoch's weights) in one
+file, then history.csv. A kill at any moment resumes from the last complete epoch.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from __future__ import annotations
 import csv
 import json
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +21,7 @@ from safetensors import safe_open
 from torch import nn
 
 from aabl_cli.core import distributed
-from aabl_cli.core.checkpoint import load_state, save_state
+from aabl_cli.core.checkpoint import Stateful, load_state, save_state
 from aabl_cli.core.errors import AablError
 from aabl_cli.core.progress import log
 from aabl_cli.core.workdir import StageFolder
@@ -44,13 +45,15 @@ class Resume:
         self.folder, self.key, self.mode = folder, key, mode
         self.key_json = json.dumps(key, sort_keys=True)
         self.save_model, self.desc, self.quiet = save_model, desc, quiet
-        self._bound: tuple[nn.Module, torch.optim.Optimizer, torch.Generator] | None = None
+        self._bound: tuple[dict[str, Stateful], torch.optim.Optimizer, torch.Generator] | None = None
 
     def restore(self, model: nn.Module, optimizer: torch.optim.Optimizer, generator: torch.Generator, *,
-                epochs: int) -> tuple[int, list[dict[str, Any]]]:
-        """Load the interrupted run's model, optimizer, RNG and generator states (as `mode` says);
-        returns (epochs already done, their history) to pass to `fit` as `start_epoch`, `history`."""
-        self._bound = (model, optimizer, generator)
+                epochs: int, parts: Mapping[str, Stateful] | None = None) -> tuple[int, list[dict[str, Any]]]:
+        """Load the interrupted run's model, optimizer, RNG and generator states and `parts` (by name,
+        e.g. {"ema": ema}) as `mode` says; returns (epochs already done, their history) to pass to `fit`
+        as `start_epoch`, `history`. `save` writes the same parts."""
+        every = {"model": model, **(parts or {})}
+        self._bound = (every, optimizer, generator)
         world, rank = distributed.world(), distributed.rank()
         state_path, partial, resume = self.folder.state, self.folder.path, self.mode
         if resume == "auto" and state_path.exists() and (recorded := _resume_key(state_path)) != self.key_json:
@@ -58,7 +61,7 @@ class Resume:
                 f"({changed_settings(recorded, self.key)})", quiet=self.quiet)
             resume = False
         if resume and state_path.exists():
-            start, rng, gen_state, meta = load_state(state_path, optimizer, model=model)
+            start, rng, gen_state, meta = load_state(state_path, optimizer, parts=every)
             if meta.get("resume_key") != self.key_json:
                 raise AablError(f"the interrupted run in {partial} used other settings or data "
                                 f"({changed_settings(meta.get('resume_key'), self.key)}); run again with the same "
@@ -78,14 +81,14 @@ class Resume:
     def save(self, epochs_done: int, history: list[dict[str, Any]]) -> None:
         """`fit`'s `on_epoch`: the epoch's model, then the resume state, then history.csv (rank 0)."""
         assert self._bound is not None, "restore() binds the model, optimizer and generator first"
-        model, optimizer, generator = self._bound
+        parts, optimizer, generator = self._bound
         gen_states = distributed.all_gather_object(generator.get_state())
         if distributed.rank() != 0:
             return
         self.save_model(self.folder.model, epochs_done)
         save_state(self.folder.state, optimizer=optimizer, epoch=epochs_done, rng=torch.get_rng_state(),
                    generator=torch.stack(gen_states) if len(gen_states) > 1 else gen_states[0],
-                   meta={"resume_key": self.key_json, "history": json.dumps(history)}, model=model)
+                   meta={"resume_key": self.key_json, "history": json.dumps(history)}, parts=parts)
         write_history(self.folder.history, history)
 
 

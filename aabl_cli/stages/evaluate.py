@@ -15,7 +15,7 @@ from aabl_cli.core.accuracy import accuracy, predict
 from aabl_cli.core.attacks import PAPER_RA, Threat
 from aabl_cli.core.checkpoint import load_model
 from aabl_cli.core.data import list_image_folder, load_image_folder
-from aabl_cli.core.device import make_generator, prepare_model, resolve_device
+from aabl_cli.core.device import make_generator, prepare_model, resolve_device, use_precision
 from aabl_cli.core.errors import AablError
 
 
@@ -34,17 +34,27 @@ def _load_for_model(folder: str | Path, classes: list[str], image_size: list[int
 
 def evaluate(model: str | Path, test: str | Path, *, poisoned: str | Path | None = None,
              threat: Threat = PAPER_RA, batch_size: int = 256, seed: int = 0, device: str = "auto",
-             cache_dir: str | Path | None = None, quiet: bool = False) -> dict[str, Any]:
+             cache_dir: str | Path | None = None, precision: str = "auto", quiet: bool = False) -> dict[str, Any]:
     """ACC on the clean `test` folder, RA under `threat` (PGD), ASR on the `poisoned` folder.
 
     The poisoned folder holds triggered images relabelled to the target (`aabl poison
     --test`), so ASR is the share classified as their (target) label; `target_rate` is the
     same share on the clean non-target test images, ASR's baseline. Returns fractions.
+    `precision` of the forward passes: `core.device.use_precision` (recorded in the result).
     """
     dev = distributed.setup(resolve_device(device))
     quiet = quiet or not distributed.is_main()
     if poisoned is not None:
         check_triggered_set(poisoned)
+    with use_precision(precision):
+        result = _evaluate(model, test, poisoned=poisoned, threat=threat, batch_size=batch_size, seed=seed, dev=dev,
+                           cache_dir=cache_dir, quiet=quiet)
+    result["precision"] = precision
+    return result
+
+
+def _evaluate(model: str | Path, test: str | Path, *, poisoned: str | Path | None, threat: Threat, batch_size: int,
+              seed: int, dev: torch.device, cache_dir: str | Path | None, quiet: bool) -> dict[str, Any]:
     net, meta = load_model(Path(model), device=dev)
     net = prepare_model(net, dev)
     started = time.time()

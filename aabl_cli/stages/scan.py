@@ -23,7 +23,7 @@ from aabl_cli import __version__
 from aabl_cli.core import distributed
 from aabl_cli.core.checkpoint import load_model, save_model
 from aabl_cli.core.data import ImageDataset, check_image_size
-from aabl_cli.core.device import autocast, prepare_model, seed_everything
+from aabl_cli.core.device import autocast, prepare_model, seed_everything, use_precision
 from aabl_cli.core.errors import RuntimeFault
 from aabl_cli.core.fsutil import SECOND_ROUND, Place, refuse_overlap, replace_dir, write_json
 from aabl_cli.core.fuse import AttackView
@@ -92,32 +92,36 @@ def write_scores(path: Path, dataset: ImageDataset, scores: dict[str, np.ndarray
 
 def scan_settings(data: str | Path, *, image_size: Sequence[int], arch: str, epochs: int, lr: float,
                   batch_size: int, eps: float, step_size: float, steps: int, alpha: float, beta: float,
-                  model: str | Path | None, seed: int, compile: bool, distributed: dict[str, Any]) -> dict[str, Any]:
+                  model: str | Path | None, seed: int, compile: bool, precision: str,
+                  distributed: dict[str, Any]) -> dict[str, Any]:
     """The settings scan.json records (and `aabl run` compares) for these options on images of
     `image_size` [H, W]. With `model` the scan trained nothing: `arch` is the checkpoint's, `epochs` 0."""
     return {"data": str(Path(data).resolve()), "arch": arch, "epochs": epochs, "optimizer": "adam", "lr": lr,
             "weight_decay": 0.0, "batch_size": batch_size, "eps": eps, "step_size": step_size, "steps": steps,
             "random_start": False, "alpha": alpha, "beta": beta, "model": None if model is None else str(model),
-            "seed": seed, "image_size": list(image_size), "compile": compile, "distributed": distributed}
+            "seed": seed, "image_size": list(image_size), "compile": compile, "precision": precision,
+            "distributed": distributed}
 
 
 def scan(data: str | Path, *, workdir: str | Path = "aabl-out", arch: str = "resnet18", epochs: int = 20,
          lr: float = 1e-3, batch_size: int = 128, eps: float = 2 / 255, step_size: float = 2 / 255,
          steps: int = 5, alpha: float = 0.1, beta: float = 1.0, model: str | Path | None = None, seed: int = 0,
          device: str = "auto", resume: bool | str = False, quiet: bool = False, cache_dir: str | Path | None = None,
-         on_bad_file: str = "error", image_size: int | None = None, compile: bool = False,
+         on_bad_file: str = "error", image_size: int | None = None, compile: bool = False, precision: str = "auto",
          max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> dict[str, Any]:
     """Naive training (Adam, no weight decay, crop+flip) then iFGSM scoring of every sample.
 
     Writes `workdir/scan/` with `scores.csv`, `model.safetensors`, `scan.json` and
     `scores.png`; with `model` (a checkpoint) the training is skipped. Returns the summary.
+    `precision` of the forward passes: `core.device.use_precision`.
     """
     wd = Workdir(workdir)
     partial = wd.partial("scan")
     refuse_overlap([Place(Path(data), "the data folder")], writes_into=[Place(wd.root, "--workdir")],
                    replaces=[*wd.outputs("scan"), *wd.outputs("split", note=" (written next)")],
                    fix=f"choose a --workdir outside the data folder that does not hold it either ({SECOND_ROUND})")
-    with workdir_lock(wd.root, "scan", quiet=quiet):  # one writer at a time, until scan/ is in place
+    # one writer at a time, until scan/ is in place
+    with workdir_lock(wd.root, "scan", quiet=quiet), use_precision(precision):
         started = time.time()
         dev, dataset, quiet = open_training_set(data, device=device, quiet=quiet, image_size=image_size,
                                                 on_bad_file=on_bad_file, cache_dir=cache_dir,
@@ -133,7 +137,7 @@ def scan(data: str | Path, *, workdir: str | Path = "aabl-out", arch: str = "res
                                  arch=arch if given is None else given[1]["arch"],
                                  epochs=epochs if given is None else 0, lr=lr, batch_size=batch_size, eps=eps,
                                  step_size=step_size, steps=steps, alpha=alpha, beta=beta, model=model, seed=seed,
-                                 compile=compile, distributed=distributed.describe(batch_size))
+                                 compile=compile, precision=precision, distributed=distributed.describe(batch_size))
         train_seconds = 0.0
         n = len(dataset)
         train_idx, score_idx = distributed.training_shard(n), distributed.shard(n)  # both arange(n) alone

@@ -1,4 +1,5 @@
-"""core.loop: batched augmentation, the step schedule, and `fit`, which trains without touching a file."""
+"""core.loop: batched augmentation, the step and one-cycle schedules, and `fit`, which trains without
+touching a file and sets the learning rate every batch."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from aabl_cli.core.attacks import Threat
-from aabl_cli.core.loop import batch_augment, fit, lr_at, step_schedule
+from aabl_cli.core.loop import batch_augment, fit, lr_at, make_schedule, onecycle_at, onecycle_schedule, step_schedule
 from aabl_cli.core.models import build_model
 
 CPU = torch.device("cpu")
@@ -60,6 +61,59 @@ def test_step_schedule_is_lr_at_and_constant_without_milestones():
     schedule = step_schedule(0.1, [2, 4])
     assert [schedule(e) for e in range(6)] == [lr_at(e, lr=0.1, milestones=[2, 4]) for e in range(6)]
     assert {step_schedule(1e-3)(e) for e in range(10)} == {1e-3}
+
+
+def test_step_schedule_keeps_each_epochs_rate_for_all_its_batches():
+    """Fractional epochs (epoch + batch / batches) take their epoch's rate exactly: default runs stay bit-identical."""
+    schedule = step_schedule(0.1, [50, 75, 90])
+    for epoch in (0, 49, 50, 74, 75, 89, 90, 99):
+        for batches in (1, 7, 391):
+            assert {schedule(epoch + b / batches) for b in range(batches)} == {lr_at(epoch, lr=0.1,
+                                                                                    milestones=[50, 75, 90])}
+    assert make_schedule("step", lr=0.1, epochs=100, milestones=[50])(50.5) == schedule(50)
+
+
+def test_onecycle_rises_to_the_peak_at_40_percent_and_falls_to_zero():
+    lr, epochs, batches = 0.2, 10, 50
+    schedule = onecycle_schedule(lr, epochs)
+    times = [e + b / batches for e in range(epochs) for b in range(batches)]
+    rates = [schedule(t) for t in times]
+    assert rates[0] == 0.0
+    assert schedule(4.0) == pytest.approx(lr)  # the peak: 40 % of 10 epochs
+    assert max(rates) == pytest.approx(lr)
+    assert schedule(2.0) == pytest.approx(lr / 2) and schedule(7.0) == pytest.approx(lr / 2)  # linear both ways
+    assert schedule(1.3) == pytest.approx(lr * 1.3 / 4) and schedule(8.5) == pytest.approx(lr * 1.5 / 6)
+    peak = times.index(4.0)
+    assert all(a < b for a, b in zip(rates[:peak], rates[1:peak + 1]))  # changes every batch, up
+    assert all(a > b for a, b in zip(rates[peak:], rates[peak + 1:]))  # then down
+    assert rates[-1] == pytest.approx(lr / batches / 6) and rates[-1] < lr / 100  # ~0 at the last batch
+    assert onecycle_at(float(epochs), lr=lr, epochs=epochs) == 0.0
+    assert make_schedule("onecycle", lr=lr, epochs=epochs)(3.3) == schedule(3.3)
+
+
+class RecordingSGD(torch.optim.SGD):
+    """SGD that records the learning rate of every step."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.rates: list[float] = []
+
+    def step(self, closure=None):
+        self.rates.append(self.param_groups[0]["lr"])
+        return super().step(closure)
+
+
+def test_fit_sets_the_rate_of_every_batch_and_records_each_epochs_first():
+    x, y = _toy()  # 40 images, batch 8: 5 batches an epoch
+    torch.manual_seed(0)
+    model = build_model("cnn", num_classes=3, image_size=(16, 16))
+    optimizer = RecordingSGD(model.parameters(), lr=0.05, momentum=0.9)
+    schedule = onecycle_schedule(0.05, 3)
+    history = fit(model, x, y, optimizer=optimizer, epochs=3, batch_size=8, schedule=schedule, device=CPU,
+                  quiet=True)
+    assert optimizer.rates == [schedule(e + b / 5) for e in range(3) for b in range(5)]
+    assert len(set(optimizer.rates[:5])) == 5  # five rates within the first epoch
+    assert [r["lr"] for r in history] == [schedule(0), schedule(1), schedule(2)]
 
 
 def _toy(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:

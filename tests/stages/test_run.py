@@ -54,6 +54,31 @@ def test_run_does_each_stage_once(tiny_data: Path, tmp_path: Path) -> None:
     assert tree_hash(tiny_data) == before
 
 
+def test_a_changed_recipe_option_redoes_train_and_a_changed_precision_everything(tiny_data: Path,
+                                                                                  tmp_path: Path) -> None:
+    """Freshness covers --train-schedule, --train-ema, --keep and --precision through train_settings and
+    scan_settings: no list of compared settings to keep up to date."""
+    work, cache = tmp_path / "w", tmp_path / "c"
+    assert invoke("run", tiny_data, "--workdir", work, "--cache-dir", cache, "--quiet", *FAST).exit_code == 0
+
+    def plan(*extra: str) -> dict[str, str]:
+        result = invoke("run", tiny_data, "--workdir", work, "--cache-dir", cache, "--dry-run", "--json", *FAST, *extra)
+        assert result.exit_code == 0, result.output
+        return json.loads(result.stdout)["plan"]
+
+    assert plan() == {"scan": "done", "split": "done", "train": "done"}
+    assert plan("--train-ema", "0.99") == {"scan": "done", "split": "done", "train": "to redo (other ema)"}
+    assert plan("--train-schedule", "onecycle")["train"] == "to redo (other schedule, milestones)"
+    assert plan("--keep", "last")["train"] == "done"  # without --val the last epoch is kept either way
+    assert plan("--precision", "bf16")["scan"] == "to redo (other precision)"
+
+    again = invoke("run", tiny_data, "--workdir", work, "--cache-dir", cache, "--quiet", "--json", *FAST,
+                   "--train-ema", "0.99")
+    assert again.exit_code == 0, again.output
+    summary = json.loads(again.stdout)
+    assert summary["plan"]["train"] == "to redo (other ema)" and summary["train"]["settings"]["ema"] == 0.99
+
+
 def test_dry_run_plans_and_estimates_without_writing(tiny_data: Path, tmp_path: Path) -> None:
     work = tmp_path / "w"
     result = invoke("run", tiny_data, "--workdir", work, "--cache-dir", tmp_path / "c", "--dry-run", *FAST)

@@ -62,8 +62,16 @@ def test_scan_records_exactly_its_settings_function(scanned):
     settings = scanned["summary"]["settings"]
     expected = scan_settings(scanned["data"], image_size=[16, 16], arch="cnn", epochs=1, lr=1e-3, batch_size=8,
                              eps=2 / 255, step_size=2 / 255, steps=5, alpha=0.1, beta=1.0, model=None, seed=1,
-                             compile=False, distributed=settings["distributed"])
+                             compile=False, precision="auto", distributed=settings["distributed"])
     assert settings == expected and scanned["summary"]["data"] == settings["data"] == str(scanned["data"].resolve())
+
+
+def test_bf16_scan_on_the_cpu_scores_finitely_and_records_its_precision(tmp_path):
+    data = make_folder(tmp_path / "data")
+    summary = scan(data, workdir=tmp_path / "w", cache_dir=tmp_path / "c", precision="bf16", **COMMON)
+    assert summary["settings"]["precision"] == "bf16"
+    _, rows = csv_rows(tmp_path / "w" / "scan" / "scores.csv")
+    assert len(rows) == 36 and all(np.isfinite(float(r[4])) for r in rows)
 
 
 def test_scores_are_sce_of_the_ifgsm_example_in_dataset_order(scanned):

@@ -1,9 +1,11 @@
-"""train: the default schedule, bit-for-bit repeatability, --resume, validation, fgsm-rs."""
+"""train: the default schedule, bit-for-bit repeatability, --resume, validation, fgsm-rs, and the recipe
+options (onecycle, EMA, the best epoch kept, bf16 on the CPU)."""
 
 from __future__ import annotations
 
 import csv
 import json
+import math
 
 import pytest
 import torch
@@ -12,6 +14,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 import aabl_cli.core.graphs as graphs_mod
+import aabl_cli.stages.train as train_mod
 from aabl_cli.core.accuracy import accuracy, balanced_subset
 from aabl_cli.core.attacks import Threat
 from aabl_cli.core.checkpoint import load_model
@@ -19,6 +22,7 @@ from aabl_cli.core.data import load_image_folder
 from aabl_cli.core.device import make_generator
 from aabl_cli.core.errors import AablError
 from aabl_cli.core.resume import HISTORY_FIELDS
+from aabl_cli.stages.evaluate import evaluate
 from aabl_cli.stages.train import default_milestones, train, train_settings
 
 FAST = dict(arch="cnn", epochs=2, steps=1, batch_size=16, device="cpu", quiet=True)
@@ -214,10 +218,161 @@ def test_unknown_adv_method_refused(tiny_data, tmp_path):
 def test_train_records_exactly_its_settings_function(tiny_data, tmp_path):
     """train.json's settings are `train_settings` of the same options: what `aabl run` compares."""
     options = dict(arch="cnn", epochs=2, eps=8 / 255, step_size=2 / 255, steps=7, adv_method="fgsm-rs", lr=0.1,
-                   momentum=0.9, weight_decay=5e-4, batch_size=16, milestones=None, val=None, val_size=1000, seed=0,
-                   compile=False)
+                   momentum=0.9, weight_decay=5e-4, batch_size=16, schedule="step", milestones=None, ema=0.9,
+                   keep="best", val=None, val_size=1000, seed=0, compile=False, precision="fp32")
     summary = train(tiny_data, workdir=tmp_path / "w", cache_dir=tmp_path / "c", device="cpu", quiet=True, **options)
     expected = train_settings(tiny_data, image_size=[16, 16], distributed=summary["settings"]["distributed"], **options)
     assert summary["settings"] == expected
     assert expected["steps"] == 1 and expected["step_size"] == pytest.approx(1.25 * 8 / 255)  # fgsm-rs resolved
     assert expected["milestones"] == [1, 2]
+    assert expected["keep"] == "last"  # without --val there is no best epoch
+    assert (expected["schedule"], expected["ema"], expected["precision"]) == ("step", 0.9, "fp32")
+    assert summary["kept_epoch"] == 2 and summary["collapse_epoch"] is None and summary["best_val_ra"] is None
+
+
+# ---------------------------------------------------------------- the recipe options: onecycle, EMA, keep, precision
+
+RECIPE = dict(FAST, epochs=3, schedule="onecycle", ema=0.9)
+
+
+def _state(workdir):
+    """The resume state promoted beside the model: `model.*` the raw weights, `ema.*` the average."""
+    return load_file(str(workdir / "train" / "state.safetensors"))
+
+
+def _part(state, name):
+    return {k.removeprefix(f"{name}."): v for k, v in state.items() if k.startswith(f"{name}.") and k != "ema.steps"}
+
+
+def _scripted_val_ra(monkeypatch, values):
+    """validate()'s val_ra takes `values` in turn (val_acc 1.0), so a test decides which epoch is best."""
+    values = list(values)
+
+    def fake(model, images, labels, *, threat=None, **kwargs):
+        return values.pop(0) if threat is not None else 1.0
+
+    monkeypatch.setattr(train_mod, "accuracy", fake)
+
+
+def _checkpoints(monkeypatch):
+    """Every checkpoint the run writes, by its epoch count: {epochs: tensors}."""
+    saved = {}
+    real = train_mod.save_model
+
+    def recording(path, model, **meta):
+        saved[meta["epochs"]] = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        real(path, model, **meta)
+
+    monkeypatch.setattr(train_mod, "save_model", recording)
+    return saved
+
+
+def test_onecycle_records_each_epochs_first_rate_and_no_milestones(tiny_data, tmp_path):
+    summary = train(tiny_data, workdir=tmp_path / "w", cache_dir=tmp_path / "c", lr=0.1,
+                    **{**FAST, "epochs": 3, "schedule": "onecycle"})
+    _, rows = _history(tmp_path / "w")
+    assert [float(r[1]) for r in rows] == pytest.approx([0.0, 0.1 / 1.2, 0.1 / 1.8])  # peak at epoch 1.2
+    assert summary["settings"]["schedule"] == "onecycle" and summary["settings"]["milestones"] == []
+
+
+@pytest.mark.parametrize(("options", "message"), [
+    ({"schedule": "onecycle", "milestones": [1]}, "--milestones"),
+    ({"schedule": "cosine"}, "--schedule"),
+    ({"ema": 1.0}, r"--ema 1.0 is outside \[0, 1\)"),
+    ({"ema": -0.5}, "--ema"),
+    ({"keep": "first"}, "--keep"),
+    ({"precision": "fp16"}, "--precision"),
+])
+def test_bad_recipe_options_refused(tiny_data, tmp_path, options, message):
+    with pytest.raises(AablError, match=message):
+        train(tiny_data, workdir=tmp_path / "w", cache_dir=tmp_path / "c", **{**FAST, **options})
+    assert not (tmp_path / "w" / "train").exists()
+
+
+def test_ema_weights_are_saved_and_training_itself_is_unchanged(tiny_data, tmp_path):
+    train(tiny_data, workdir=tmp_path / "plain", cache_dir=tmp_path / "c", seed=2, **FAST)
+    train(tiny_data, workdir=tmp_path / "ema", cache_dir=tmp_path / "c", seed=2, ema=0.9, **FAST)
+    saved, state = _weights(tmp_path / "ema"), _state(tmp_path / "ema")
+    assert _same(saved, _part(state, "ema"))
+    assert not _same(saved, _part(state, "model"))  # the average differs from the raw weights
+    assert _same(_part(state, "model"), _weights(tmp_path / "plain"))  # the average does not steer training
+    assert int(state["ema.steps"]) == 2 * 3  # 2 epochs of 3 batches (16 + 16 + 4 images)
+    assert json.loads((tmp_path / "ema" / "train" / "train.json").read_text())["settings"]["ema"] == 0.9
+
+
+def test_seeded_onecycle_ema_runs_repeat_bit_for_bit(tiny_data, tmp_path):
+    val = make_folder(tmp_path / "val", classes=3, per_class=3, seed=9)
+    for name in ("a", "b"):
+        train(tiny_data, workdir=tmp_path / name, cache_dir=tmp_path / "c", seed=3, val=val, **RECIPE)
+    assert _same(_weights(tmp_path / "a"), _weights(tmp_path / "b"))
+    assert _same(_state(tmp_path / "a"), _state(tmp_path / "b"))
+    strip = [[r[i] for i in (0, 1, 2, 3, 4, 5)] for r in _history(tmp_path / "a")[1]]  # not the timings
+    assert strip == [[r[i] for i in (0, 1, 2, 3, 4, 5)] for r in _history(tmp_path / "b")[1]]
+
+
+@pytest.mark.parametrize(("keep", "kept"), [("best", 1), ("last", 3)])
+def test_keep_saves_the_best_or_last_epoch_and_a_collapse_is_reported(tiny_data, tmp_path, monkeypatch, capsys, keep,
+                                                                      kept):
+    val = make_folder(tmp_path / "val", classes=3, per_class=2, seed=9)
+    _scripted_val_ra(monkeypatch, [0.5, 0.2, 0.1])  # best at epoch 1, below half of it at epoch 2
+    checkpoints = _checkpoints(monkeypatch)
+    summary = train(tiny_data, workdir=tmp_path / "w", cache_dir=tmp_path / "c", val=val, keep=keep,
+                    **{**RECIPE, "quiet": False})
+    assert (summary["kept_epoch"], summary["collapse_epoch"], summary["best_val_ra"]) == (kept, 2, 0.5)
+    assert _same(_weights(tmp_path / "w"), checkpoints[kept])
+    assert not _same(checkpoints[1], checkpoints[3])
+    with safe_open(str(tmp_path / "w" / "train" / "model.safetensors"), framework="pt") as fh:
+        assert fh.metadata()["epochs"] == str(kept)
+    recorded = json.loads((tmp_path / "w" / "train" / "train.json").read_text())
+    assert (recorded["kept_epoch"], recorded["collapse_epoch"], recorded["settings"]["keep"]) == (kept, 2, keep)
+    assert "collapsed at epoch 2" in capsys.readouterr().err
+
+
+def test_resume_mid_schedule_with_onecycle_ema_and_val_equals_uninterrupted_run(tiny_data, tmp_path, monkeypatch):
+    val = make_folder(tmp_path / "val", classes=3, per_class=3, seed=9)
+    common = dict(cache_dir=tmp_path / "c", seed=1, val=val, **RECIPE)
+    full = train(tiny_data, workdir=tmp_path / "full", **common)
+    work = tmp_path / "cut"
+    with interrupted_after_first_epoch(monkeypatch):
+        train(tiny_data, workdir=work, **common)
+    epochs_run = count_epochs(monkeypatch)
+    resumed = train(tiny_data, workdir=work, resume=True, **common)
+    assert len(epochs_run) == 2  # epochs 2 and 3 of the one cycle
+    assert _same(_weights(work), _weights(tmp_path / "full"))
+    # raw weights, average, optimizer, best epoch, sampling generator; not the global RNG, which building the
+    # attack's folded view advances once per `fit` and nothing in training draws from
+    cut, whole = _state(work), _state(tmp_path / "full")
+    assert _same({k: v for k, v in cut.items() if k != "rng"}, {k: v for k, v in whole.items() if k != "rng"})
+    strip = [[r[i] for i in (0, 1, 2, 3, 4, 5)] for r in _history(work)[1]]
+    assert strip == [[r[i] for i in (0, 1, 2, 3, 4, 5)] for r in _history(tmp_path / "full")[1]]
+    assert resumed["kept_epoch"] == full["kept_epoch"] and resumed["best_val_ra"] == full["best_val_ra"]
+
+
+def test_the_best_epoch_kept_before_an_interruption_is_saved_after_resume(tiny_data, tmp_path, monkeypatch):
+    val = make_folder(tmp_path / "val", classes=3, per_class=2, seed=9)
+    common = dict(cache_dir=tmp_path / "c", seed=1, val=val, **RECIPE)
+    _scripted_val_ra(monkeypatch, [0.5, 0.2, 0.3])
+    train(tiny_data, workdir=tmp_path / "full", **common)
+    work = tmp_path / "cut"
+    _scripted_val_ra(monkeypatch, [0.5])
+    with interrupted_after_first_epoch(monkeypatch):
+        train(tiny_data, workdir=work, **common)
+    _scripted_val_ra(monkeypatch, [0.2, 0.3])
+    summary = train(tiny_data, workdir=work, resume=True, **common)
+    assert summary["kept_epoch"] == 1 and summary["collapse_epoch"] == 2
+    assert _same(_weights(work), _weights(tmp_path / "full"))
+
+
+def test_bf16_precision_on_the_cpu_trains_and_evaluates(tiny_data, tmp_path):
+    val = make_folder(tmp_path / "val", classes=3, per_class=3, seed=9)
+    common = dict(cache_dir=tmp_path / "c", seed=0, val=val, **FAST)
+    summary = train(tiny_data, workdir=tmp_path / "bf16", precision="bf16", **common)
+    train(tiny_data, workdir=tmp_path / "fp32", precision="fp32", **common)
+    final = summary["final"]
+    assert math.isfinite(final["train_loss"]) and 0 <= final["val_acc"] <= 1 and 0 <= final["val_ra"] <= 1
+    assert summary["settings"]["precision"] == "bf16"
+    assert all(torch.isfinite(v).all() for v in _weights(tmp_path / "bf16").values() if v.is_floating_point())
+    assert not _same(_weights(tmp_path / "bf16"), _weights(tmp_path / "fp32"))  # bf16 arithmetic did run
+    result = evaluate(tmp_path / "bf16" / "train" / "model.safetensors", val, device="cpu", cache_dir=tmp_path / "c",
+                      precision="bf16", quiet=True)
+    assert result["precision"] == "bf16" and 0 <= result["acc"] <= 1 and 0 <= result["ra"] <= 1
