@@ -42,12 +42,12 @@ def _earlier(row):
 
 
 def test_tables_hold_ours_beside_the_papers_and_list_what_is_missing(reproduce):
-    store = reproduce.RESULTS / "cpu"
+    store = reproduce.RESULTS / "cpu-small"
     store.mkdir(parents=True)
     (store / "cifar10-badnets-aabl.json").write_text(json.dumps(_result("cifar10", "badnets", "aabl")))
     (store / "cifar10-badnets-advtrain.json").write_text(  # a result file of an earlier version reads the same
         json.dumps(_earlier(_result("cifar10", "badnets", "advtrain", asr=0.99))))
-    text = reproduce.render("cpu")
+    text = reproduce.render("cpu-small")
     assert f"2 of {len(reproduce.CONFIGS)} configurations finished" in text
     # Table 1 row: our gamma, rho_vul, recall, naive ASR; the paper's gamma and rho_vul for BadNets
     assert ("| cifar10 | badnets | A | 80.0 | 1.25 | 90.0 | backdoor suspected | 60.0 | 95.0 | 10.0 | 82.34 | 0.13 |"
@@ -62,12 +62,12 @@ def test_tables_hold_ours_beside_the_papers_and_list_what_is_missing(reproduce):
 
 
 def test_a_configuration_still_training_shows_its_split_only(reproduce):
-    store = reproduce.RESULTS / "cpu"
+    store = reproduce.RESULTS / "cpu-small"
     store.mkdir(parents=True)
     partial = _result("cifar10", "trojan", "aabl", finished=False)
     del partial["acc"], partial["ra"], partial["asr"]
     (store / "cifar10-trojan-aabl.json").write_text(json.dumps(partial))
-    text = reproduce.render("cpu")
+    text = reproduce.render("cpu-small")
     assert "0 of" in text
     assert "| cifar10 | trojan | A | 80.0 |" in text  # Table 1 row
     assert "| cifar10 | trojan | A-ABL |" not in text  # no final model yet
@@ -78,10 +78,10 @@ def test_markdown_keeps_the_text_around_the_tables(reproduce, tmp_path):
     md = tmp_path / "RESULTS.md"
     md.write_text(f"# Title\n\nhand-written intro\n\n{reproduce.MARK_BEGIN}\nold\n{reproduce.MARK_END}\n\n"
                   "## Findings\nkept\n")
-    (reproduce.RESULTS / "cpu").mkdir(parents=True)
-    (reproduce.RESULTS / "cpu" / "gtsrb-none-aabl.json").write_text(
+    (reproduce.RESULTS / "cpu-small").mkdir(parents=True)
+    (reproduce.RESULTS / "cpu-small" / "gtsrb-none-aabl.json").write_text(
         json.dumps(_result("gtsrb", "none", "aabl", asr=None, rho_vul=None, recall=None, naive_asr=None)))
-    reproduce.write_markdown(md, ["cpu", "gpu"])
+    reproduce.write_markdown(md, ["cpu-small", "gpu"])
     text = md.read_text()
     assert text.startswith("# Title\n\nhand-written intro\n")
     assert text.endswith("## Findings\nkept\n")
@@ -91,7 +91,7 @@ def test_markdown_keeps_the_text_around_the_tables(reproduce, tmp_path):
 
 
 def test_finished_configurations_are_not_run_again(reproduce, tmp_path, monkeypatch):
-    store = reproduce.RESULTS / "cpu"
+    store = reproduce.RESULTS / "cpu-small"
     store.mkdir(parents=True)
     (store / "cifar10-badnets-aabl.json").write_text(json.dumps(_result("cifar10", "badnets", "aabl")))
     (store / "cifar10-clb-aabl.json").write_text(json.dumps(_result("cifar10", "clb", "aabl", finished=False)))
@@ -103,7 +103,8 @@ def test_finished_configurations_are_not_run_again(reproduce, tmp_path, monkeypa
 
     monkeypatch.setattr(reproduce, "run_config", fake_run)
     md = tmp_path / "RESULTS.md"
-    monkeypatch.setattr(sys, "argv", ["reproduce.py", "--only", "cifar10/badnets,cifar10/clb,cifar10/blend/advtrain",
+    monkeypatch.setattr(sys, "argv", ["reproduce.py", "--scale", "cpu-small", "--only",
+                                      "cifar10/badnets,cifar10/clb,cifar10/blend/advtrain",
                                       "--md", str(md), "--work", str(tmp_path / "work")])
     reproduce.main()
     assert ran == [("cifar10", "clb", "aabl"), ("cifar10", "blend", "advtrain")]  # unfinished ones run again
@@ -112,15 +113,15 @@ def test_finished_configurations_are_not_run_again(reproduce, tmp_path, monkeypa
 
 
 def test_refresh_rederives_numbers_but_keeps_the_runs_times(reproduce, tmp_path, monkeypatch):
-    store = reproduce.RESULTS / "cpu"
+    store = reproduce.RESULTS / "cpu-small"
     store.mkdir(parents=True)
     old = _result("cifar10", "badnets", "aabl", seconds={"train": 1500.0}, date="2026-01-01")
     del old["target_rate"]
     (store / "cifar10-badnets-aabl.json").write_text(json.dumps(old))
     (store / "cifar10-trojan-aabl.json").write_text(json.dumps(_result("cifar10", "trojan", "aabl")))
     work = tmp_path / "work"
-    (work / "cpu" / "cifar10" / "badnets" / "aabl" / "train").mkdir(parents=True)
-    (work / "cpu" / "cifar10" / "badnets" / "aabl" / "train" / "train.json").write_text("{}")
+    (work / "cpu-small" / "cifar10" / "badnets" / "aabl" / "train").mkdir(parents=True)
+    (work / "cpu-small" / "cifar10" / "badnets" / "aabl" / "train" / "train.json").write_text("{}")
     ran = []
 
     def fake_run(dataset, attack, mode, args, on_split=None):
@@ -129,8 +130,9 @@ def test_refresh_rederives_numbers_but_keeps_the_runs_times(reproduce, tmp_path,
 
     monkeypatch.setattr(reproduce, "run_config", fake_run)
     md = tmp_path / "RESULTS.md"
-    monkeypatch.setattr(sys, "argv", ["reproduce.py", "--only", "cifar10/badnets,cifar10/trojan", "--refresh",
-                                      "--md", str(md), "--work", str(work)])
+    monkeypatch.setattr(sys, "argv", ["reproduce.py", "--scale", "cpu-small", "--only",
+                                      "cifar10/badnets,cifar10/trojan", "--refresh", "--md", str(md),
+                                      "--work", str(work)])
     reproduce.main()
     assert ran == [("cifar10", "badnets", "aabl")]  # trojan has no work directory here: left as stored
     refreshed = json.loads((store / "cifar10-badnets-aabl.json").read_text())
@@ -140,15 +142,15 @@ def test_refresh_rederives_numbers_but_keeps_the_runs_times(reproduce, tmp_path,
 
 
 def test_a_result_from_other_settings_is_marked_and_trained_again(reproduce, tmp_path, monkeypatch):
-    """GTSRB trains 40 epochs at the cpu scale: a stored 20-epoch GTSRB result is shown as stale, and a
+    """GTSRB trains 40 epochs at the cpu-small scale: a stored 20-epoch GTSRB result is shown as stale, and a
     rerun trains it again while the CIFAR-10 one (20 epochs there) stays."""
-    assert reproduce.settings("cpu", "gtsrb")["train_epochs"] == 40
-    assert reproduce.settings("cpu", "cifar10")["train_epochs"] == 20
-    store = reproduce.RESULTS / "cpu"
+    assert reproduce.settings("cpu-small", "gtsrb")["train_epochs"] == 40
+    assert reproduce.settings("cpu-small", "cifar10")["train_epochs"] == 20
+    store = reproduce.RESULTS / "cpu-small"
     store.mkdir(parents=True)
     (store / "gtsrb-badnets-aabl.json").write_text(json.dumps(_result("gtsrb", "badnets", "aabl")))
     (store / "cifar10-badnets-aabl.json").write_text(json.dumps(_result("cifar10", "badnets", "aabl")))
-    text = reproduce.render("cpu")
+    text = reproduce.render("cpu-small")
     assert "| gtsrb | badnets | A-ABL | 50.0 | 25.0 | 3.0 | 2.0 | 88.65 | 60.09 | 0.01 | 20 | 20 |" in text
     assert "no longer gives (a rerun trains them again): gtsrb/badnets/aabl." in text
     ran = []
@@ -159,7 +161,8 @@ def test_a_result_from_other_settings_is_marked_and_trained_again(reproduce, tmp
 
     monkeypatch.setattr(reproduce, "run_config", fake_run)
     md = tmp_path / "RESULTS.md"
-    monkeypatch.setattr(sys, "argv", ["reproduce.py", "--only", "gtsrb/badnets,cifar10/badnets", "--md", str(md),
+    monkeypatch.setattr(sys, "argv", ["reproduce.py", "--scale", "cpu-small", "--only",
+                                      "gtsrb/badnets,cifar10/badnets", "--md", str(md),
                                       "--work", str(tmp_path / "work")])
     reproduce.main()
     assert ran == [("gtsrb", "badnets", "aabl")]
@@ -182,11 +185,11 @@ def _trained(reproduce, wd, data, scale, **edits):
 
 def test_a_stale_training_is_set_aside_with_its_evaluation(reproduce, tmp_path):
     data, wd = make_folder(tmp_path / "kept", classes=2, per_class=2), tmp_path / "aabl"
-    cifar_options = _trained(reproduce, wd, data, reproduce.settings("cpu", "cifar10"))
+    cifar_options = _trained(reproduce, wd, data, reproduce.settings("cpu-small", "cifar10"))
     (wd / "final-eval.json").write_text("{}")
     reproduce.set_aside_stale_training(wd, data, cifar_options)  # the same settings: kept
     assert (wd / "train" / "train.json").exists() and (wd / "final-eval.json").exists()
-    gtsrb = reproduce.train_options(reproduce.settings("cpu", "gtsrb"), argparse.Namespace(seed="0"))
+    gtsrb = reproduce.train_options(reproduce.settings("cpu-small", "gtsrb"), argparse.Namespace(seed="0"))
     reproduce.set_aside_stale_training(wd, data, gtsrb)  # 40 epochs there
     assert not (wd / "train").exists() and not (wd / "final-eval.json").exists()
     assert json.loads((wd / "train-20ep" / "train.json").read_text())["settings"]["epochs"] == 20
@@ -197,14 +200,14 @@ def test_a_stale_training_is_set_aside_with_its_evaluation(reproduce, tmp_path):
 def test_a_training_with_any_other_recorded_setting_is_set_aside_too(reproduce, tmp_path, edit):
     """Every setting train.json records counts, as in `aabl run`: not only the few the scale names."""
     data, wd = make_folder(tmp_path / "kept", classes=2, per_class=2), tmp_path / "aabl"
-    options = _trained(reproduce, wd, data, reproduce.settings("cpu", "cifar10"), **edit)
+    options = _trained(reproduce, wd, data, reproduce.settings("cpu-small", "cifar10"), **edit)
     reproduce.set_aside_stale_training(wd, data, options)
     assert not (wd / "train").exists() and (wd / "train-20ep" / "train.json").exists()
 
 
 def test_a_training_of_other_images_is_set_aside(reproduce, tmp_path):
     data, wd = make_folder(tmp_path / "kept", classes=2, per_class=2), tmp_path / "aabl"
-    options = _trained(reproduce, wd, data, reproduce.settings("cpu", "cifar10"))
+    options = _trained(reproduce, wd, data, reproduce.settings("cpu-small", "cifar10"))
     (data / "class_0" / "img_000.png").write_bytes((data / "class_1" / "img_000.png").read_bytes())
     reproduce.set_aside_stale_training(wd, data, options)
     assert (wd / "train-20ep" / "train.json").exists()
@@ -219,9 +222,39 @@ def test_a_scan_from_other_settings_stops_the_configuration(reproduce, tmp_path,
     Image.new("RGB", (8, 8)).save(tmp_path / "data" / "a" / "0.png")
     monkeypatch.setattr(reproduce, "prepare_data", lambda dataset, args, scale: (tmp_path / "data", tmp_path / "data"))
     monkeypatch.setattr(reproduce, "poison", lambda attack, train, test, base, args: (tmp_path / "data", None))
-    wd = tmp_path / "work" / "cpu" / "cifar10" / "badnets" / "aabl"
+    wd = tmp_path / "work" / "cpu-small" / "cifar10" / "badnets" / "aabl"
     (wd / "scan").mkdir(parents=True)
     (wd / "scan" / "scan.json").write_text(json.dumps({"settings": {"arch": "cnn", "epochs": 10}}))
-    args = argparse.Namespace(scale="cpu", work=tmp_path / "work", seed="0", device="cpu", threads=1)
-    with pytest.raises(SystemExit, match="ran with other settings than the cpu scale's; remove"):
+    args = argparse.Namespace(scale="cpu-small", work=tmp_path / "work", seed="0", device="cpu", threads=1)
+    with pytest.raises(SystemExit, match="ran with other settings than the cpu-small scale's; remove"):
         reproduce.run_config("cifar10", "badnets", "aabl", args)
+
+
+def test_the_cpu_scale_runs_the_fast_recipe_in_bf16(reproduce):
+    """The cpu scale trains with FGSM-RS, the one-cycle schedule and weight averaging, and scans in bf16;
+    the flags it passes are the ones aabl train and aabl scan take."""
+    args = argparse.Namespace(seed="0")
+    cifar = reproduce.settings("cpu", "cifar10")
+    assert reproduce.train_options(cifar, args) == {
+        "arch": "cnn", "epochs": 15, "adv_method": "fgsm-rs", "schedule": "onecycle", "ema": 0.995,
+        "precision": "bf16", "batch_size": 128, "lr": 0.2, "seed": 0}
+    assert reproduce.scan_options(cifar, args) == {"arch": "cnn", "epochs": 20, "precision": "bf16", "seed": 0}
+    assert reproduce.settings("cpu", "gtsrb")["train_images"] is None  # every image of every class
+    flags = reproduce.flags(reproduce.train_options(cifar, args))
+    assert flags[flags.index("--adv-method") + 1] == "fgsm-rs" and "--steps" not in flags
+    # the earlier scale keeps its PGD-5 recipe and names no fast-recipe option
+    small = reproduce.train_options(reproduce.settings("cpu-small", "cifar10"), args)
+    assert small["steps"] == 5 and not {"adv_method", "schedule", "ema", "precision"} & small.keys()
+
+
+def test_subset_of_size_0_copies_every_image(tmp_path):
+    import subprocess
+
+    src = make_folder(tmp_path / "src", classes=3, per_class=5)
+    (src / "class_0" / "extra.png").write_bytes((src / "class_0" / "img_000.png").read_bytes())
+    subprocess.run([sys.executable, str(ROOT / "benchmarks" / "subset.py"), src, tmp_path / "all", "--size", "0"],
+                   check=True, capture_output=True)
+    subprocess.run([sys.executable, str(ROOT / "benchmarks" / "subset.py"), src, tmp_path / "even", "--size", "9"],
+                   check=True, capture_output=True)
+    assert len(list((tmp_path / "all").rglob("*.png"))) == 16  # the larger class whole
+    assert len(list((tmp_path / "even").rglob("*.png"))) == 9
