@@ -198,6 +198,8 @@ def chain(tmp_path_factory):
     with pytest.MonkeyPatch.context() as mp:
         mp.chdir(base)
         mp.setenv("XDG_CACHE_HOME", str(base / "xdg"))
+        # matplotlib's own font cache goes to XDG_CACHE_HOME unless told otherwise: keep it out of the check
+        mp.setenv("MPLCONFIGDIR", str(base / "mpl"))
         # batch 8: a few optimizer steps in the one epoch (the default 128 would be a single step)
         results["scan"] = invoke("scan", "data", "--arch", "cnn", "--epochs", "1", "--batch-size", "8",
                                  "--device", "cpu", "--cache-dir", "cache")
