@@ -111,7 +111,10 @@ def is_current(result: dict, scale: str) -> bool:
 def load_result(path: Path) -> dict:
     """A stored result, its keys as this version names them."""
     stored = json.loads(path.read_text())
-    return {RENAMED.get(k, k): v for k, v in stored.items()}
+    result = {RENAMED.get(k, k): v for k, v in stored.items()}
+    if isinstance(result.get("precision"), float):  # earlier files: the isolated set's precision, a share
+        result["isolated_precision"] = result.pop("precision")
+    return result
 
 
 def scan_options(scale: dict, args: argparse.Namespace) -> dict:
@@ -231,7 +234,7 @@ def run_config(dataset: str, backdoor: str, mode: str, args: argparse.Namespace,
         truth = split.get("ground_truth") or {}
         naive = evaluate(wd.scan.model, test, p_test, wd.root / "naive-eval.json", args, robust=False)
         result.update(kept_share=split["kept_share"], rho_vul=truth.get("rho_vul"), recall=truth.get("recall"),
-                      precision=truth.get("precision"), verdict=split["verdict"],
+                      isolated_precision=truth.get("precision"), verdict=split["verdict"],
                       suspected_class=split.get("suspected_class"), naive_acc=naive["acc"],
                       naive_asr=naive.get("asr"), naive_target_rate=naive.get("target_rate"))
         on_split({**result, "seconds": dict(seconds), "finished": False})

@@ -258,3 +258,19 @@ def test_subset_of_size_0_copies_every_image(tmp_path):
                    check=True, capture_output=True)
     assert len(list((tmp_path / "all").rglob("*.png"))) == 16  # the larger class whole
     assert len(list((tmp_path / "even").rglob("*.png"))) == 9
+
+
+def test_the_scales_precision_and_the_isolated_sets_precision_are_two_keys(reproduce, tmp_path):
+    """A result records the arithmetic it ran in (`precision`, from the scale) and the isolated set's
+    precision against the ground truth (`isolated_precision`); an earlier file's float `precision` is the latter."""
+    store = reproduce.RESULTS / "cpu"
+    store.mkdir(parents=True)
+    row = _result("cifar10", "badnets", "aabl", **{**reproduce.settings("cpu", "cifar10"), "train_images": 20000},
+                  isolated_precision=0.25)
+    (store / "cifar10-badnets-aabl.json").write_text(json.dumps(row))
+    (tmp_path / "earlier.json").write_text(json.dumps(_result("cifar10", "none", "aabl", precision=0.5)))
+    assert reproduce.load_result(store / "cifar10-badnets-aabl.json")["precision"] == "bf16"
+    earlier = reproduce.load_result(tmp_path / "earlier.json")
+    assert earlier["isolated_precision"] == 0.5 and "precision" not in earlier
+    text = reproduce.render("cpu")
+    assert "FGSM-RS adversarial training (onecycle schedule, weight averaging 0.995, bf16)" in text
