@@ -25,10 +25,11 @@ from torch import nn
 
 from aabl_cli import __version__
 from aabl_cli.core.errors import AablError
-from aabl_cli.core.images import MAX_IMAGE_PIXELS
 from aabl_cli.core.models import ARCHS, Classifier, build_model
 
 FORMAT = "aabl-1"
+# The largest image size a checkpoint may record (evaluate resizes test images to it).
+MAX_CHECKPOINT_PIXELS = 16384 * 16384
 REQUIRED = ("aabl_format", "arch", "num_classes", "image_size", "classes")
 
 
@@ -120,7 +121,7 @@ def load_model(path: Path, *, device: torch.device | str = "cpu", arch: str | No
         if len(meta["classes"]) != meta["num_classes"] or len(meta["image_size"]) != 2:
             raise ValueError("inconsistent class count or image size")
         height, width = meta["image_size"]
-        if min(height, width) < 1 or height * width > MAX_IMAGE_PIXELS:  # evaluate resizes test images to it
+        if min(height, width) < 1 or height * width > MAX_CHECKPOINT_PIXELS:  # evaluate resizes test images to it
             raise ValueError(f"image size {height}x{width} px is outside what aabl reads")
     except (ValueError, TypeError, json.JSONDecodeError) as err:
         raise AablError(f"{path}: checkpoint metadata is malformed ({err}); re-create it with aabl") from err

@@ -22,8 +22,6 @@ FORMATS_READ = "PNG, JPEG, BMP, PPM/PGM/PBM and WebP"
 # Pixels per image decoded at most, checked from the header before decoding: 40 M pixels is a
 # 7,300 x 5,500 photo (120 MB as RGB); a 48-KB PNG can claim 400 M pixels (1.2 GB and more decoded).
 DEFAULT_MAX_IMAGE_PIXELS = 40_000_000
-# The largest image size a checkpoint may record (evaluate resizes test images to it).
-MAX_IMAGE_PIXELS = 16384 * 16384
 # open_image's own check replaces Pillow's, whose warning does not name the file.
 Image.MAX_IMAGE_PIXELS = None
 MIN_SIDE = 16  # px: the smallest input every --arch takes (the small CNN pools three times)
