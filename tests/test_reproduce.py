@@ -238,7 +238,7 @@ def test_the_cpu_scale_runs_the_fast_recipe_in_bf16(reproduce):
     assert reproduce.train_options(cifar, args) == {
         "arch": "cnn", "epochs": 15, "adv_method": "fgsm-rs", "schedule": "onecycle", "ema": 0.995,
         "precision": "bf16", "batch_size": 128, "lr": 0.2, "seed": 0}
-    assert reproduce.scan_options(cifar, args) == {"arch": "cnn", "epochs": 20, "precision": "bf16", "seed": 0}
+    assert reproduce.scan_options(cifar, args) == {"arch": "cnn", "epochs": 8, "precision": "bf16", "seed": 0}
     assert reproduce.settings("cpu", "gtsrb")["train_images"] is None  # every image of every class
     flags = reproduce.flags(reproduce.train_options(cifar, args))
     assert flags[flags.index("--adv-method") + 1] == "fgsm-rs" and "--steps" not in flags
@@ -274,3 +274,69 @@ def test_the_scales_precision_and_the_isolated_sets_precision_are_two_keys(repro
     assert earlier["isolated_precision"] == 0.5 and "precision" not in earlier
     text = reproduce.render("cpu")
     assert "FGSM-RS adversarial training (onecycle schedule, weight averaging 0.995, bf16)" in text
+
+
+def test_the_control_trains_the_aabl_kept_set_without_the_attack(reproduce, tmp_path, monkeypatch):
+    """control = the A-ABL configuration's kept set, the same recipe with --eps 0; without that split
+    it stops and says what to run first."""
+    monkeypatch.setattr(reproduce, "prepare_data", lambda dataset, args, scale: (tmp_path / "d", tmp_path / "d"))
+    monkeypatch.setattr(reproduce, "poison", lambda attack, train, test, base, args: (tmp_path / "d", None))
+    monkeypatch.setattr(reproduce, "list_image_folder", lambda path: argparse.Namespace(files=[1, 2, 3, 4]))
+    args = argparse.Namespace(scale="cpu", work=tmp_path / "work", seed="0", device="cpu", threads=1)
+    with pytest.raises(SystemExit, match="trains the kept set of cifar10/blend/aabl: run that first"):
+        reproduce.run_config("cifar10", "blend", "control", args)
+
+    split = tmp_path / "work" / "cpu" / "cifar10" / "blend" / "aabl" / "split"
+    make_folder(split / "kept", classes=2, per_class=2)
+    (split / "split.json").write_text("{}")
+    calls = []
+
+    def fake_aabl(*argv, threads=None):
+        calls.append([str(a) for a in argv])
+        raise SystemExit("stop here")
+
+    monkeypatch.setattr(reproduce, "aabl", fake_aabl)
+    with pytest.raises(SystemExit, match="stop here"):
+        reproduce.run_config("cifar10", "blend", "control", args)
+    train_call = calls[0]
+    assert train_call[:2] == ["train", str(split / "kept")]
+    assert train_call[train_call.index("--eps") + 1] == "0"
+    assert train_call[train_call.index("--adv-method") + 1] == "fgsm-rs"  # the rest of the recipe as A-ABL's
+    assert train_call[train_call.index("--workdir") + 1].endswith("blend/control")
+
+
+def test_the_second_half_table_reads_each_category_b_row_by_its_thresholds(reproduce):
+    b = {"category": "B", "naive_target_rate": 0.05}
+    rows = [
+        # implanted (naive lift 90), A-ABL 2 points, the control keeps 70: suppressed
+        _result("gtsrb", "blend", "aabl", **b, naive_asr=0.95, recall=0.3, asr=0.04, target_rate=0.02),
+        _result("gtsrb", "blend", "control", category="B", asr=0.75, target_rate=0.05),
+        _result("gtsrb", "blend", "advtrain", category="B", asr=0.55, target_rate=0.03),
+        # implanted, but A-ABL keeps 30 points: the claim fails
+        _result("cifar10", "ssba", "aabl", **b, naive_asr=0.92, asr=0.33, target_rate=0.03),
+        _result("cifar10", "ssba", "control", category="B", asr=0.90, target_rate=0.02),
+        # the control lost it too
+        _result("cifar10", "wanet", "aabl", **b, naive_asr=0.90, asr=0.03, target_rate=0.02),
+        _result("cifar10", "wanet", "control", category="B", asr=0.10, target_rate=0.02),
+        # never implanted
+        _result("cifar10", "blend", "aabl", **b, naive_asr=0.30, asr=0.03, target_rate=0.02),
+        # category A rows are not in this table
+        _result("cifar10", "badnets", "aabl"),
+    ]
+    text = "\n".join(reproduce.second_half(rows))
+    assert "| gtsrb | blend | 70.0 | 90.0 | 2.0 | 70.0 | 52.0 | suppressed by adversarial training |" in text
+    assert "| cifar10 | ssba | 10.0 | 87.0 | 30.0 | 88.0 | - | NOT suppressed: the claim fails here |" in text
+    assert "| cifar10 | wanet |" in text and "control lost the backdoor too" in text
+    assert "did not implant in the naive model" in text
+    assert "badnets" not in text
+    assert reproduce.second_half([_result("cifar10", "badnets", "aabl")]) == []
+
+
+def test_an_unknown_configuration_is_refused_before_anything_runs(reproduce, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(reproduce, "run_config", lambda *a, **k: pytest.fail("ran"))
+    monkeypatch.setattr(sys, "argv", ["reproduce.py", "--only", "cifar10/blend/contrl", "--md", str(tmp_path / "R.md"),
+                                      "--work", str(tmp_path / "work")])
+    with pytest.raises(SystemExit) as stop:
+        reproduce.main()
+    assert stop.value.code == 2
+    assert "unknown configuration cifar10/blend/contrl" in capsys.readouterr().err
