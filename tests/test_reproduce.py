@@ -340,3 +340,20 @@ def test_an_unknown_configuration_is_refused_before_anything_runs(reproduce, tmp
         reproduce.main()
     assert stop.value.code == 2
     assert "unknown configuration cifar10/blend/contrl" in capsys.readouterr().err
+
+
+def test_the_paper_recipe_mode_trains_the_kept_set_with_pgd10_and_is_shown_beside_the_fast_one(reproduce):
+    args = argparse.Namespace(seed="0")
+    fast = reproduce.train_options(reproduce.settings("cpu", "cifar10"), args)
+    paper = reproduce.recipe_options(fast, "pgd")
+    assert paper["steps"] == 10 and paper["lr"] == 0.1
+    assert not {"adv_method", "schedule", "ema"} & paper.keys()  # aabl train's defaults: PGD, step schedule
+    assert paper["epochs"] == fast["epochs"] and paper["precision"] == fast["precision"]
+    assert reproduce.recipe_options(fast, "aabl") == fast
+    rows = [_result("cifar10", "badnets", "aabl", adv_method="fgsm-rs", schedule="onecycle", ema=0.995,
+                    ra=0.30, asr=0.05, seconds={"train": 600.0}),
+            _result("cifar10", "badnets", "pgd", ra=0.31, asr=0.04, seconds={"train": 3000.0})]
+    text = "\n".join(reproduce.recipes_side_by_side(rows))
+    assert "| cifar10 | badnets | paper: PGD-10, step schedule | 50.0 | 31.0 | 4.0 | 2.0 | 50 |" in text
+    assert "| cifar10 | badnets | fast minus paper (time: ratio) | 0.0 | -1.0 | 1.0 | | 0.20 |" in text
+    assert reproduce.recipes_side_by_side(rows[:1]) == []
