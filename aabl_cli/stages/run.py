@@ -25,7 +25,7 @@ import torch
 
 from aabl_cli.core import distributed
 from aabl_cli.core.data import list_image_folder, load_image_folder, peek_image_folder
-from aabl_cli.core.device import prepare_model, resolve_device
+from aabl_cli.core.device import autocast, channels_last, prepare_model, resolve_device, use_precision
 from aabl_cli.core.errors import AablError
 from aabl_cli.core.fsutil import SECOND_ROUND, Place, refuse_overlap
 from aabl_cli.core.images import DEFAULT_MAX_IMAGE_PIXELS, open_image
@@ -113,36 +113,48 @@ def plan(data: Path, workdir: Path, scan_opts: dict[str, Any], split_opts: dict[
 
 def estimate(result: Plan, scan_opts: dict[str, Any], train_opts: dict[str, Any], *, device: str,
              image_size: int | None) -> None:
-    """Time a few training steps of each stage's network here and extrapolate the stages."""
+    """Time a few training steps of each stage's network here, in the stage's --precision, and
+    extrapolate the stages."""
     dev = resolve_device(device)
     classes = max(2, len(list_image_folder(result.data).classes))
     side = image_size or _first_image_side(result.data)
-    per_step: dict[str, float] = {}
-    for arch, batch in {(scan_opts["arch"], scan_opts["batch_size"]), (train_opts["arch"], train_opts["batch_size"])}:
-        model = prepare_model(build_model(arch, num_classes=classes, image_size=(side, side)), dev).train()
-        optimizer = torch.optim.SGD(model.parameters(), lr=1e-3)
-        x = torch.rand(batch, 3, side, side, device=dev)
-        y = torch.randint(0, classes, (batch,), device=dev)
-        times = []
-        for _ in range(4):  # the first is a warm-up
-            t0 = time.perf_counter()
-            loss = torch.nn.functional.cross_entropy(model(x), y)
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-            float(loss.detach())  # waits for the device
-            times.append(time.perf_counter() - t0)
-        per_step[arch, batch] = sorted(times[1:])[1]
+    per_step: dict[tuple[str, int, str], float] = {}
+    stages = {(o["arch"], o["batch_size"], o.get("precision", "auto")) for o in (scan_opts, train_opts)}
+    for arch, batch, precision in stages:
+        with use_precision(precision):
+            per_step[arch, batch, precision] = _step_seconds(arch, batch, classes, side, dev)
     n = result.images
-    scan_step = per_step[scan_opts["arch"], scan_opts["batch_size"]]
+    scan_step = per_step[scan_opts["arch"], scan_opts["batch_size"], scan_opts.get("precision", "auto")]
     scan_batches = math.ceil(n / scan_opts["batch_size"])
     result.estimate_s["scan"] = scan_batches * scan_step * (scan_opts["epochs"] + scan_opts["steps"] + 1)
     result.estimate_s["split"] = 0.002 * n
     train_steps = 1 if train_opts.get("adv_method") == "fgsm-rs" else train_opts["steps"]
     passes = 1 + (train_steps if train_opts["eps"] > 0 else 0)
     train_batches = math.ceil(KEPT_SHARE * n / train_opts["batch_size"])
-    result.estimate_s["train"] = (train_batches * per_step[train_opts["arch"], train_opts["batch_size"]]
-                                  * passes * train_opts["epochs"])
+    train_step = per_step[train_opts["arch"], train_opts["batch_size"], train_opts.get("precision", "auto")]
+    result.estimate_s["train"] = train_batches * train_step * passes * train_opts["epochs"]
+
+
+def _step_seconds(arch: str, batch: int, classes: int, side: int, dev: torch.device) -> float:
+    """Seconds of one training step of `arch` on `dev` under the current precision (the median of three,
+    after a warm-up)."""
+    model = prepare_model(build_model(arch, num_classes=classes, image_size=(side, side)), dev).train()
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-3)
+    x = torch.rand(batch, 3, side, side, device=dev)
+    if channels_last(dev):
+        x = x.contiguous(memory_format=torch.channels_last)
+    y = torch.randint(0, classes, (batch,), device=dev)
+    times = []
+    for _ in range(4):  # the first is a warm-up
+        t0 = time.perf_counter()
+        with autocast(dev):
+            loss = torch.nn.functional.cross_entropy(model(x), y)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        float(loss.detach())  # waits for the device
+        times.append(time.perf_counter() - t0)
+    return sorted(times[1:])[1]
 
 
 def _first_image_side(folder: Path) -> int:

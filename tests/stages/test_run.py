@@ -91,6 +91,27 @@ def test_dry_run_plans_and_estimates_without_writing(tiny_data: Path, tmp_path: 
     assert not work.exists()
 
 
+def test_dry_run_times_the_steps_in_the_runs_precision(tiny_data: Path, tmp_path: Path, monkeypatch) -> None:
+    """The estimate's training steps run as the stages will: bf16 autocast under --precision bf16, not float32."""
+    import aabl_cli.stages.run as run_mod
+    from aabl_cli.core.device import uses_bf16
+
+    seen = []
+
+    def recording(arch, batch, classes, side, dev):
+        seen.append((arch, uses_bf16(dev)))
+        return 0.01
+
+    monkeypatch.setattr(run_mod, "_step_seconds", recording)
+    for precision, bf16 in (("bf16", True), ("fp32", False)):
+        seen.clear()
+        result = invoke("run", tiny_data, "--workdir", tmp_path / "w", "--cache-dir", tmp_path / "c", "--dry-run",
+                        "--json", *FAST, "--precision", precision)
+        assert result.exit_code == 0, result.output
+        assert seen == [("cnn", bf16)]
+        assert json.loads(result.stdout)["estimate_s"]["train"] > 0
+
+
 def test_dry_run_sees_changed_data(tmp_path: Path) -> None:
     data = make_folder(tmp_path / "data")
     work, cache = tmp_path / "w", tmp_path / "c"
