@@ -12,13 +12,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+ATTACKS = ("pgd", "apgd", "autoattack")  # Threat.attack: which attack measures robust accuracy
+
 
 @dataclass(frozen=True)
 class Threat:
-    """An L-inf PGD threat model in [0, 1] pixel space; eps 0 means no attack.
+    """An L-inf threat model in [0, 1] pixel space and the attack that measures it; eps 0 means no attack.
 
-    `restarts`: PGD runs from independent random starts; a sample is robust only if it
-    survives every one.
+    `attack`: pgd (`steps` steps of `step_size`), apgd (APGD-CE, `steps` iterations with
+    its own step sizes; `step_size` unused) or autoattack (APGD-CE, then APGD-T: see
+    `core.apgd`); training attacks with pgd only. `random_start` is PGD's (APGD always starts
+    at random, as AutoAttack's does). `restarts`: runs from independent random starts
+    (autoattack: per part and target); a sample is robust only if it survives every one.
     """
 
     eps: float = 8 / 255
@@ -26,6 +31,7 @@ class Threat:
     steps: int = 10
     random_start: bool = True
     restarts: int = 1
+    attack: str = "pgd"
 
 
 PAPER_RA = Threat()  # RA in the paper: PGD-10, eps 8/255, step 2/255, random start
