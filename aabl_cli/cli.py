@@ -14,12 +14,16 @@ from aabl_cli.core.errors import GateFailed
 from aabl_cli.core.text import json_text, printable
 from aabl_cli.options import (
     ARCH_CHOICES,
+    ATTACK_CHOICES,
+    ATTACK_HELP,
+    ATTACK_STEPS,
     BACKDOOR_CHOICES,
     BACKDOOR_HELP,
     BUDGET,
     SHARE,
     AablGroup,
     FiniteFloat,
+    check_attack_options,
     check_run_options,
     common_options,
     emit,
@@ -247,42 +251,58 @@ def poison(data: Path, backdoor: str | None, old_backdoor: str | None, as_json: 
 @click.argument("test", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("--poisoned", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
               help="Triggered test folder (aabl poison --test) for the attack success rate.")
+@click.option("--attack", type=click.Choice(ATTACK_CHOICES), default="pgd", show_default=True, help=ATTACK_HELP)
 @click.option("--eps", type=BUDGET, default="8/255", show_default=True,
-              help="PGD budget for the robust accuracy; 0 skips it.")
-@click.option("--step-size", type=BUDGET, default="2/255", show_default=True, help="PGD step size.")
-@click.option("--steps", type=click.IntRange(1), default=10, show_default=True, help="PGD steps.")
+              help="L-inf budget of the attack for the robust accuracy, in [0, 1] pixel units; 0 skips RA.")
+@click.option("--step-size", type=BUDGET, default="2/255", show_default=True,
+              help="PGD's step size (pgd only: APGD sets its own steps).")
+@click.option("--steps", type=click.IntRange(1), default=None,
+              help="Iterations: PGD's steps; APGD's iterations per run (each APGD-T target gets as many). Each is "
+                   "one forward-backward pass per image.  [default: 10 for pgd, 100 for apgd and autoattack]")
 @click.option("--restarts", type=click.IntRange(1), default=1, show_default=True,
-              help="PGD runs from independent random starts; an image counts as robust only if it survives all.")
+              help="Runs from independent random starts (autoattack: of APGD-CE, and of APGD-T per target); each "
+                   "later run attacks only the images no earlier one fooled, and an image counts as robust only if "
+                   "it survives all.")
 @click.option("--batch-size", type=click.IntRange(1), default=256, show_default=True, help="Images per batch.")
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Also write the JSON result to this file.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:N or mps.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seeds PGD's random start.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seeds the attacks' random starts.")
 @click.option("--cache-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Where decoded datasets are cached.  [default: $XDG_CACHE_HOME/aabl]")
 @precision_option()
-@click.option("--quiet", is_flag=True, help="No progress bars or log lines.")
-def evaluate(model: Path, test: Path, eps: float, step_size: float, steps: int, restarts: int, out: Path | None,
-             **options: Any) -> None:
-    """Measure MODEL on TEST: ACC (clean accuracy), RA (accuracy under PGD) and, with
-    --poisoned, ASR (share of triggered images classified as the target). Prints JSON."""
+@click.option("--quiet", is_flag=True, help="No progress bars and no line in words on stderr (the JSON, warnings "
+                                            "and errors still print).")
+def evaluate(model: Path, test: Path, attack: str, eps: float, step_size: float, steps: int | None, restarts: int,
+             out: Path | None, **options: Any) -> None:
+    """Measure MODEL on TEST: ACC (clean accuracy), RA (accuracy under --attack) and, with
+    --poisoned, ASR (share of triggered images classified as the target).
+
+    Prints the result as JSON on stdout (its "attack" names RA's attack and settings) and,
+    unless --quiet, one line in words on stderr.
+    """
     from aabl_cli.core.attacks import Threat
     from aabl_cli.core.distributed import launched_as_main
     from aabl_cli.core.fsutil import Place, refuse_overlap, write_json
+    from aabl_cli.stages.evaluate import describe
     from aabl_cli.stages.evaluate import evaluate as run_evaluate
 
+    check_attack_options(attack)
     if out is not None:
         poisoned = options["poisoned"]
         refuse_overlap([Place(model, "MODEL"), Place(test, "the input folder"),
                         None if poisoned is None else Place(poisoned, "the input folder")],
                        replaces=[Place(out, "--out")], fix="choose an --out outside the inputs")
-    result = run_evaluate(model, test, threat=Threat(eps=eps, step_size=step_size, steps=steps, restarts=restarts),
-                          **options)
+    steps = steps if steps is not None else ATTACK_STEPS[attack]
+    result = run_evaluate(model, test, threat=Threat(eps=eps, step_size=step_size, steps=steps, restarts=restarts,
+                                                     attack=attack), **options)
     if not launched_as_main():  # under torchrun rank 0 alone reports
         return
     if out is not None:
         write_json(out, result)
     click.echo(json_text(result, indent=2))
+    if not options["quiet"]:
+        click.echo(printable(describe(result)), err=True)
     for warning in result["warnings"]:
         click.echo(printable(f"warning: {warning}"), err=True)
 

@@ -22,6 +22,19 @@ ARCH_CHOICES = ("cnn", "resnet18", "resnet34", "vgg16", "mobilenetv2", "densenet
 SCHEDULE_CHOICES = ("step", "onecycle")
 PRECISION_CHOICES = ("auto", "bf16", "fp32")
 KEEP_CHOICES = ("best", "last")
+# core.attacks.ATTACKS, and each attack's iterations unless --steps says otherwise
+ATTACK_CHOICES = ("pgd", "apgd", "autoattack")
+ATTACK_STEPS = {"pgd": 10, "apgd": 100, "autoattack": 100}
+ATTACK_HELP = (
+    "Attack of the robust accuracy (RA). pgd: the paper's RA, PGD from a random start, --steps (10) steps of "
+    "--step-size. apgd: APGD-CE (Croce & Hein 2020), PGD on cross-entropy without a step size to tune: the step "
+    "starts at 2 x eps and halves where the loss stops rising, with momentum, and an image counts as fooled if any "
+    "iterate fooled the model; its 100 iterations cost about 10x PGD-10. autoattack: the white-box part of "
+    "AutoAttack's standard version, the attack behind RobustBench's robust accuracy: APGD-CE, then on the images "
+    "still robust APGD-T, APGD on a targeted DLR loss towards each of the 9 classes the model finds likeliest "
+    "after the true one (100 iterations each), up to about 10x APGD-CE's cost again. AutoAttack's last two parts, "
+    "FAB-T and Square, are not run: on a model that masks its gradients RA can read higher here than under full "
+    "AutoAttack.")
 # stages.poison.BACKDOORS' keys and what each does, spelled out so that `--help` need not import torch
 BACKDOOR_CHOICES = ("badnets", "blend", "trojan", "wanet", "iab", "ssba", "clb")
 BACKDOOR_HELP = """\b
@@ -272,6 +285,14 @@ def check_run_options(o: dict[str, Any]) -> None:
         raise click.BadParameter("--method quantile needs --fraction (the share to isolate)", param_hint="--fraction")
     if o["method"] == "fixed" and o["threshold"] is None:
         raise click.BadParameter("--method fixed needs --threshold", param_hint="--threshold")
+
+
+def check_attack_options(attack: str) -> None:
+    """--step-size is PGD's: refuse it beside an attack that chooses its own steps, rather than ignore it."""
+    ctx = click.get_current_context()
+    if attack != "pgd" and ctx.get_parameter_source("step_size") != click.core.ParameterSource.DEFAULT:
+        raise click.UsageError(f"--step-size sets PGD's step; {attack} chooses its own (2 x eps, halved as the "
+                               "loss stops rising): drop --step-size, or use --attack pgd", ctx=ctx)
 
 
 def scaled_lr(options: dict[str, Any], name: str) -> float:

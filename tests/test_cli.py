@@ -355,12 +355,14 @@ def test_recipe_and_precision_flags_reach_the_stages_records(tiny_data, tmp_path
 
 
 def test_the_choices_spelled_in_options_are_the_cores():
+    from aabl_cli.core.attacks import ATTACKS
     from aabl_cli.core.device import PRECISIONS
     from aabl_cli.core.loop import SCHEDULES
-    from aabl_cli.options import KEEP_CHOICES, PRECISION_CHOICES, SCHEDULE_CHOICES
+    from aabl_cli.options import ATTACK_CHOICES, ATTACK_STEPS, KEEP_CHOICES, PRECISION_CHOICES, SCHEDULE_CHOICES
     from aabl_cli.stages.train import KEEP
 
     assert (SCHEDULE_CHOICES, PRECISION_CHOICES, KEEP_CHOICES) == (SCHEDULES, PRECISIONS, KEEP)
+    assert ATTACK_CHOICES == ATTACKS and tuple(ATTACK_STEPS) == ATTACKS
 
 
 def test_train_says_which_epoch_it_saved_and_when_val_ra_collapsed(tiny_data, tmp_path, monkeypatch):

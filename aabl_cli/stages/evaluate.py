@@ -1,4 +1,5 @@
-"""Batched evaluation: clean accuracy (ACC), robust accuracy under PGD (RA), attack success (ASR)."""
+"""Batched evaluation: clean accuracy (ACC), robust accuracy (RA) under PGD, APGD-CE or AutoAttack's
+white-box part, attack success (ASR)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from torch import nn
 
 from aabl_cli.core import distributed
 from aabl_cli.core.accuracy import accuracy, predict
+from aabl_cli.core.apgd import INITIAL_STEP, MOMENTUM, RHO, checkpoints, target_count
 from aabl_cli.core.attacks import PAPER_RA, Threat
 from aabl_cli.core.checkpoint import load_model
 from aabl_cli.core.data import list_image_folder, load_image_folder
@@ -35,7 +37,7 @@ def _load_for_model(folder: str | Path, classes: list[str], image_size: list[int
 def evaluate(model: str | Path, test: str | Path, *, poisoned: str | Path | None = None,
              threat: Threat = PAPER_RA, batch_size: int = 256, seed: int = 0, device: str = "auto",
              cache_dir: str | Path | None = None, precision: str = "auto", quiet: bool = False) -> dict[str, Any]:
-    """ACC on the clean `test` folder, RA under `threat` (PGD), ASR on the `poisoned` folder.
+    """ACC on the clean `test` folder, RA under `threat` (its `attack`), ASR on the `poisoned` folder.
 
     The poisoned folder holds triggered images relabelled to the target (`aabl poison
     --test`), so ASR is the share classified as their (target) label; `target_rate` is the
@@ -68,6 +70,7 @@ def _evaluate(model: str | Path, test: str | Path, *, poisoned: str | Path | Non
     if threat.eps > 0:
         result["ra"] = _sharded_accuracy(net, images, labels, device=dev, batch_size=batch_size, threat=threat,
                                          generator=make_generator(dev, seed + 1_000_003 * distributed.rank()))
+        result["attack"] = attack_record(threat, classes=len(meta["classes"]))
         result["threat"] = asdict(threat)
     if poisoned is not None:
         with distributed.main_first():
@@ -82,6 +85,48 @@ def _evaluate(model: str | Path, test: str | Path, *, poisoned: str | Path | Non
         result["distributed"] = distributed.describe(batch_size)
     result["seconds"] = {"total": time.time() - started}
     return result
+
+
+def attack_record(threat: Threat, *, classes: int) -> dict[str, Any]:
+    """What RA was measured under, for the JSON: the attack's name and the settings it ran with."""
+    record: dict[str, Any] = {"name": threat.attack, "eps": threat.eps, "steps": threat.steps,
+                              "restarts": threat.restarts}
+    if threat.attack == "pgd":
+        return {**record, "step_size": threat.step_size, "random_start": threat.random_start}
+    record.update(parts=["apgd-ce"], random_start=True, initial_step=INITIAL_STEP * threat.eps, momentum=MOMENTUM,
+                  rho=RHO, checkpoints=checkpoints(threat.steps))
+    if threat.attack == "autoattack":
+        record.update(parts=["apgd-ce", "apgd-t"], targets=target_count(classes), not_run=["fab-t", "square"])
+    return record
+
+
+def describe(result: dict[str, Any]) -> str:
+    """One line for a person: ACC, RA and the attack it is under, ASR and its target rate."""
+    parts = [f"ACC {100 * result['acc']:.1f}%"]
+    if "ra" in result:
+        parts.append(f"RA {100 * result['ra']:.1f}% under {attack_name(result['attack'])}")
+    if "asr" in result:
+        rate = result.get("target_rate")
+        parts.append(f"ASR {100 * result['asr']:.1f}%" + ("" if rate is None else f" (target rate {100 * rate:.1f}%)"))
+    return ", ".join(parts)
+
+
+def attack_name(record: dict[str, Any]) -> str:
+    """`attack_record` in words: PGD-10 at eps 8/255, APGD-CE with 100 iterations at eps 8/255, ..."""
+    budget = f"eps {_budget(record['eps'])}"
+    restarts = f", {record['restarts']} restarts" if record["restarts"] > 1 else ""
+    if record["name"] == "pgd":
+        return f"PGD-{record['steps']} at {budget}, step {_budget(record['step_size'])}{restarts}"
+    if record["name"] == "apgd":
+        return f"APGD-CE with {record['steps']} iterations at {budget}{restarts}"
+    return (f"AutoAttack's APGD-CE and APGD-T ({record['targets']} targets), {record['steps']} iterations each, "
+            f"at {budget}{restarts}")
+
+
+def _budget(value: float) -> str:
+    """8/255 for a whole number of 255ths, else the decimal."""
+    units = value * 255
+    return f"{round(units)}/255" if abs(units - round(units)) < 1e-6 else f"{value:.4g}"
 
 
 def check_triggered_set(folder: str | Path) -> None:

@@ -7,11 +7,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from click.testing import CliRunner
 from conftest import Threshold
 from PIL import Image
 
 from aabl_cli.cli import cli
+from aabl_cli.core.checkpoint import save_model
+from aabl_cli.core.models import build_model
 from aabl_cli.stages.evaluate import reading_warnings
 
 
@@ -87,3 +90,70 @@ def test_evaluate_warns_when_asr_is_the_models_bias(tmp_path: Path, monkeypatch:
 def test_reading_warnings_flag_an_asr_that_is_only_bias(asr: float | None, rate: float | None, warned: bool) -> None:
     result = {} if asr is None else {"asr": asr, "target_rate": rate, "target": "airplane"}
     assert bool(reading_warnings(result)) is warned
+
+
+@pytest.mark.parametrize(("attack", "steps"), [("pgd", 10), ("apgd", 100), ("autoattack", 100)])
+def test_evaluate_names_the_attack_ra_is_under(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, attack: str,
+                                              steps: int) -> None:
+    """The linear model is fooled exactly where an image lies within 8/255 of T on the right side, which
+    every attack finds (APGD's first step, 2 x eps, reaches the budget): RA is 5/9 under each. The JSON
+    names the attack and the settings it ran with."""
+    numbers = evaluate_threshold_model(tmp_path, monkeypatch,
+                                       {"a": [100, 100, 100, 124, 124], "b": [200, 200, 130, 100]},
+                                       {"b": [200, 200, 200, 100]}, "--attack", attack)
+    assert numbers["ra"] == pytest.approx(5 / 9)
+    record = numbers["attack"]
+    assert record["name"] == attack and record["steps"] == steps and record["restarts"] == 1
+    assert record["eps"] == pytest.approx(8 / 255)
+    assert numbers["threat"]["attack"] == attack and numbers["threat"]["steps"] == steps
+    if attack == "pgd":
+        assert record["step_size"] == pytest.approx(2 / 255) and "parts" not in record
+    else:
+        assert "step_size" not in record and record["initial_step"] == pytest.approx(16 / 255)
+        assert record["checkpoints"] == [22, 41, 57, 70, 80, 87, 93, 99]
+        assert record["parts"] == (["apgd-ce", "apgd-t"] if attack == "autoattack" else ["apgd-ce"])
+    if attack == "autoattack":  # two classes: APGD-T has no other target than APGD-CE's
+        assert record["targets"] == 0 and record["not_run"] == ["fab-t", "square"]
+
+
+def test_evaluate_says_in_words_which_attack_ra_is_under(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    test_dir = write_grey(tmp_path / "test", {"a": [100, 124], "b": [200, 130]})
+    monkeypatch.setattr("aabl_cli.stages.evaluate.load_model", lambda path, device: (
+        Threshold(linear=True), {"classes": ["a", "b"], "image_size": [16, 16]}))
+    result = CliRunner().invoke(cli, ["evaluate", str(tmp_path / "model.safetensors"), str(test_dir), "--attack",
+                                      "apgd", "--steps", "20", "--device", "cpu", "--cache-dir",
+                                      str(tmp_path / "cache")])
+    assert result.exit_code == 0, result.output
+    numbers, end = json.JSONDecoder().raw_decode(result.output)
+    assert numbers["attack"]["steps"] == 20 and numbers["ra"] == pytest.approx(2 / 4)
+    assert "ACC 100.0%, RA 50.0% under APGD-CE with 20 iterations at eps 8/255" in result.output[end:]
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--attack", "fgsm"], "'fgsm' is not one of 'pgd', 'apgd', 'autoattack'"),
+    (["--attack", "apgd", "--step-size", "1/255"], "drop --step-size, or use --attack pgd"),
+    (["--attack", "autoattack", "--steps", "0"], "--steps"),
+])
+def test_evaluate_refuses_a_bad_attack_with_exit_2(tmp_path: Path, args: list[str], message: str) -> None:
+    test_dir = write_grey(tmp_path / "test", {"a": [100]})
+    result = CliRunner().invoke(cli, ["evaluate", str(tmp_path / "model.safetensors"), str(test_dir), *args,
+                                      "--device", "cpu"])
+    assert result.exit_code == 2, result.output
+    assert message in result.output and "Traceback" not in result.output
+
+
+def test_evaluate_runs_autoattack_on_a_real_checkpoint(tiny_data: Path, tmp_path: Path) -> None:
+    """A saved cnn of three classes, loaded, folded and attacked by APGD-CE and APGD-T (two targets)."""
+    torch.manual_seed(0)
+    path = tmp_path / "model.safetensors"
+    save_model(path, build_model("cnn", num_classes=3, image_size=16), arch="cnn", classes=["class_0", "class_1",
+               "class_2"], image_size=(16, 16), stage="train", eps=0.0, epochs=0, seed=0, dataset_fingerprint="0" * 64)
+    out = tmp_path / "result.json"
+    result = CliRunner().invoke(cli, ["evaluate", str(path), str(tiny_data), "--attack", "autoattack", "--steps", "5",
+                                      "--device", "cpu", "--quiet", "--cache-dir", str(tmp_path / "cache"),
+                                      "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    numbers = json.loads(out.read_text())
+    assert numbers["attack"]["name"] == "autoattack" and numbers["attack"]["targets"] == 2
+    assert numbers["attack"]["checkpoints"] == [2, 3, 4, 5]
+    assert numbers["samples"] == 36 and 0 <= numbers["ra"] <= numbers["acc"]
