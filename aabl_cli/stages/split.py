@@ -3,8 +3,8 @@
 Otsu's threshold over the raw scores (`core.threshold`); samples below it are *isolated*
 (D_rob), the rest *kept* (D_vul); `kept_share` is the paper's gamma. At least `min_isolated`
 of the set is isolated (see docs/departures.md: the paper's Table 1 implies a 10 % floor). A backdoor's
-poisons share one label, so the class make-up of the isolated set's most robust core decides
-the verdict.
+poisons share one label, so the class make-up of the isolated set's most robust cores (several
+depths) decides the verdict.
 """
 
 from __future__ import annotations
@@ -37,22 +37,23 @@ from aabl_cli.core.text import printable
 from aabl_cli.core.threshold import METHODS, choose_isolated
 from aabl_cli.core.workdir import StageFolder, Workdir, read_summary
 
-# Verdict: the suspected class's excess share of the verdict core, as a fraction of the
-# room it had to grow: (q - p) / (1 - p), q its share of the core, p its data share.
-# On 10,000 CIFAR-10 images (benchmarks/SPLIT_CHECK.md) BadNets gave 0.57 and 1.00 (two
-# naive networks) and the clean set 0.24 and 0.33: a naturally robust class (ship) can
-# fill a third of the core, a patch trigger's target fills most of it.
+# Verdict: a class's excess share of a verdict core (the most robust isolated samples), as a
+# fraction of the room it had to grow: (q - p) / (1 - p), q its share of the core, p its data
+# share. A patch trigger's poisons share one label and sit at the very bottom of the scores,
+# below even naturally robust clean classes (ships on CIFAR-10, common signs on GTSRB): those
+# shift their whole class down and share the bottom with other classes, the target fills it.
 SUSPECT_CONCENTRATION = 0.5
 # The verdict reads a lower confidence bound of the concentration, not the point estimate:
-# a 200-image core (5 % of 4,000) has a standard error near 0.04, and on CIFAR-10 Blend a
-# naturally robust class reached 0.52 by chance. One-sided Wilson bound on the class's core
-# share, Bonferroni-corrected over the classes since the largest of them is the one tested.
+# one-sided Wilson bound on the class's core share, Bonferroni-corrected over the classes and
+# the cores, since the largest of them is the one tested. A clean set whose classes each hold
+# less than half the room in every core is called suspected with probability at most this.
 VERDICT_SIGNIFICANCE = 0.05  # the bound holds with confidence 1 - VERDICT_SIGNIFICANCE
-# The verdict core: the most robust isolated samples, at most this share of the set. On
-# real data whole classes are naturally robust (ships, cars) and fill the isolated set's
-# upper part on clean and poisoned sets alike; a patch trigger's poisons sit far below.
-VERDICT_CORE = 0.05
-VERDICT_CORE_MIN = 50  # samples: a smaller core says little about class make-up
+# The verdict cores, as shares of the set: several depths, because where the target stands out
+# depends on the data. On 20,000 CIFAR-10 BadNets images the target held 71-100 % of the
+# 5 % core; on 10,000 GTSRB images (5 % BadNets) it held all of the 0.5 % core but 47 % of the
+# 5 % one, where the common signs crowd in (benchmarks/VERDICT_CHECK.md).
+VERDICT_CORES = (0.0025, 0.005, 0.01, 0.02, 0.05)
+VERDICT_CORE_MIN = 25  # samples: a smaller core says little about class make-up
 SPLIT_FIELDS = ("index", "path", "label", "score", "kept")
 # Below this accuracy on its own (unaugmented) training images the naive model has not
 # learnt its data, nor a backdoor: its robust images are noise, and so is the verdict.
@@ -62,41 +63,52 @@ FIT_WARNING_ACC = 0.6
 
 
 def class_verdict(labels: np.ndarray, scores: np.ndarray, isolated: np.ndarray, classes: list[str],
-                  *, core: float = VERDICT_CORE, core_min: int = VERDICT_CORE_MIN) -> dict[str, Any]:
+                  *, cores: tuple[float, ...] = VERDICT_CORES, core_min: int = VERDICT_CORE_MIN) -> dict[str, Any]:
     """Per-class isolated shares against data shares, the suspected target class and a verdict.
 
-    The verdict looks at the core: the `max(core * N, core_min)` isolated samples with the
-    lowest scores, or all of them when fewer are isolated. A backdoor is suspected when the
-    lower confidence bound of the top class's concentration (`concentration_low`) reaches
-    `SUSPECT_CONCENTRATION`.
+    Each verdict core holds the `max(share * N, core_min)` isolated samples with the lowest
+    scores (all of them when fewer are isolated), for each share in `cores`. In each core the
+    class with the largest concentration is tested; the core whose lower confidence bound
+    (`concentration_low`) is highest decides, and a backdoor is suspected when that bound
+    reaches `SUSPECT_CONCENTRATION`. `per_class` core counts and the top-level concentration
+    fields are the deciding core's; `cores` lists every core's size, top class and values.
     """
     counts = np.bincount(labels, minlength=len(classes))
     iso = np.bincount(labels[isolated], minlength=len(classes))
     candidates = np.flatnonzero(isolated)
-    size = min(len(candidates), max(core_min, math.ceil(core * len(labels))))
-    in_core = candidates[np.argsort(scores[candidates], kind="stable")[:size]]
-    core_counts = np.bincount(labels[in_core], minlength=len(classes))
+    ranked = candidates[np.argsort(scores[candidates], kind="stable")]
+    sizes = sorted({min(len(ranked), max(core_min, math.ceil(share * len(labels)))) for share in cores} - {0})
     p = counts / max(1, counts.sum())
+    room = np.clip(1 - p, 1e-12, None)
+    z = NormalDist().inv_cdf(1 - VERDICT_SIGNIFICANCE / (len(classes) * max(1, len(sizes))))
+    tested = []
+    for size in sizes:
+        core_counts = _core_counts(labels, scores, ranked, size, len(classes))
+        excess = np.where(p < 1, (core_counts / size - p) / room, 0.0)
+        top = int(np.argmax(excess))
+        low = max(0.0, float((wilson_lower(core_counts[top], size, z) - p[top]) / room[top])) if p[top] < 1 else 0.0
+        tested.append({"size": size, "top": top, "counts": core_counts, "concentration": float(excess[top]),
+                       "low": low})
+    # the deciding core: the highest bound, the smallest core among equals
+    best = max(tested, key=lambda t: t["low"], default=None)
+    size = best["size"] if best else 0
+    core_counts = best["counts"] if best else np.zeros(len(classes))
     q = core_counts / max(1, size)
-    excess = np.where(p < 1, (q - p) / np.clip(1 - p, 1e-12, None), 0.0)
-    top = int(np.argmax(excess))
-    concentration = float(excess[top]) if size else 0.0
-    low = 0.0
-    if size:
-        z = NormalDist().inv_cdf(1 - VERDICT_SIGNIFICANCE / len(classes))
-        q_low = wilson_lower(int(core_counts[top]), int(size), z)
-        low = max(0.0, float((q_low - p[top]) / (1 - p[top]))) if p[top] < 1 else 0.0
+    top = best["top"] if best else int(np.argmax(counts))
+    low = best["low"] if best else 0.0
     return {
-        "per_class": [{"class": c, "samples": int(counts[i]), "isolated": int(iso[i]), "core": int(core_counts[i]),
-                       "share_of_data": float(p[i]), "share_of_isolated": float(iso[i] / max(1, iso.sum())),
-                       "share_of_core": float(q[i]),
+        "per_class": [{"class": c, "samples": int(counts[i]), "isolated": int(iso[i]),
+                       "core": round(float(core_counts[i])), "share_of_data": float(p[i]),
+                       "share_of_isolated": float(iso[i] / max(1, iso.sum())), "share_of_core": float(q[i]),
                        "isolated_share": float(iso[i] / counts[i]) if counts[i] else 0.0}
                       for i, c in enumerate(classes)],
+        "cores": [{"size": t["size"], "class": classes[t["top"]], "concentration": t["concentration"],
+                   "concentration_low": t["low"]} for t in tested],
         "core_size": int(size),
-        "core_fraction": core,
+        "core_fractions": list(cores),
         "suspected_class": classes[top],
         "suspected_label": top,
-        "concentration": concentration,
+        "concentration": best["concentration"] if best else 0.0,
         "concentration_low": low,
         "concentration_confidence": 1 - VERDICT_SIGNIFICANCE,
         "concentration_threshold": SUSPECT_CONCENTRATION,
@@ -104,7 +116,19 @@ def class_verdict(labels: np.ndarray, scores: np.ndarray, isolated: np.ndarray, 
     }
 
 
-def wilson_lower(successes: int, trials: int, z: float) -> float:
+def _core_counts(labels: np.ndarray, scores: np.ndarray, ranked: np.ndarray, size: int,
+                 num_classes: int) -> np.ndarray:
+    """Class counts of the `size` lowest-scoring of `ranked` (sorted by score); samples tied with
+    the last one share the remaining places in proportion, since dataset order (often class by
+    class) must not decide which class fills a core."""
+    edge = scores[ranked[size - 1]]
+    below = ranked[:size][scores[ranked[:size]] < edge]
+    tied = ranked[scores[ranked] == edge]
+    counts = np.bincount(labels[below], minlength=num_classes).astype(np.float64)
+    return counts + (size - len(below)) * np.bincount(labels[tied], minlength=num_classes) / len(tied)
+
+
+def wilson_lower(successes: float, trials: int, z: float) -> float:
     """Lower end of the Wilson score interval for a binomial proportion (0 without trials)."""
     if trials <= 0:
         return 0.0
@@ -333,8 +357,8 @@ def describe(summary: dict[str, Any]) -> str:
     lines += ["", f"suspected target class: {printable(summary['suspected_class'])} "
               f"(concentration {summary['concentration']:.2f}, at least {summary.get('concentration_low', 0.0):.2f} "
               f"with {summary.get('concentration_confidence', 0.95):.0%} confidence, in the core of the "
-              f"{summary['core_size']} most robust isolated samples; "
-              f"suspected at {summary['concentration_threshold']})",
+              f"{summary['core_size']} most robust isolated samples, the core of "
+              f"{len(summary.get('cores', [])) or 1} that decides; suspected at {summary['concentration_threshold']})",
               f"verdict: {summary['verdict']}"]
     lines += [f"warning: {w}" for w in summary.get("warnings", [])]
     truth = summary.get("ground_truth")

@@ -118,7 +118,7 @@ def test_verdict_backdoor_suspected_for_one_class():
     scores = np.linspace(1.0, 2.0, 300)
     isolated = np.zeros(300, dtype=bool)
     isolated[100:120] = True  # twenty samples, all of class 1
-    verdict = class_verdict(labels, scores, isolated, ["a", "b", "c"], core=0.1, core_min=1)
+    verdict = class_verdict(labels, scores, isolated, ["a", "b", "c"], cores=(0.1,), core_min=1)
     assert verdict["verdict"] == "backdoor suspected"
     assert verdict["suspected_class"] == "b" and verdict["suspected_label"] == 1
     assert verdict["concentration"] == pytest.approx(1.0)
@@ -135,7 +135,7 @@ def test_verdict_one_class_from_too_few_samples_is_not_evidence():
     labels = np.repeat(np.arange(3), 20)
     isolated = np.zeros(60, dtype=bool)
     isolated[20:26] = True
-    verdict = class_verdict(labels, np.ones(60), isolated, ["a", "b", "c"], core=0.1, core_min=1)
+    verdict = class_verdict(labels, np.ones(60), isolated, ["a", "b", "c"], cores=(0.1,), core_min=1)
     assert verdict["concentration"] == pytest.approx(1.0) and verdict["suspected_class"] == "b"
     assert verdict["concentration_low"] < 0.5 and verdict["verdict"] == "no backdoor evidence"
 
@@ -144,7 +144,7 @@ def test_verdict_no_evidence_when_spread_like_the_data():
     labels = np.repeat(np.arange(3), 20)
     isolated = np.zeros(60, dtype=bool)
     isolated[[0, 1, 20, 21, 40, 41]] = True
-    verdict = class_verdict(labels, np.ones(60), isolated, ["a", "b", "c"], core=0.1, core_min=1)
+    verdict = class_verdict(labels, np.ones(60), isolated, ["a", "b", "c"], cores=(0.1,), core_min=1)
     assert verdict["verdict"] == "no backdoor evidence"
     assert verdict["concentration"] == pytest.approx(0.0, abs=1e-9)
     assert [r["isolated"] for r in verdict["per_class"]] == [2, 2, 2]
@@ -155,7 +155,7 @@ def test_verdict_uses_class_shares_not_raw_counts():
     labels = np.array([0] * 80 + [1] * 10 + [2] * 10)
     isolated = np.zeros(100, dtype=bool)
     isolated[[0, 1, 2, 3, 4, 5, 6, 7, 80, 90]] = True
-    verdict = class_verdict(labels, np.ones(100), isolated, ["big", "b", "c"], core=0.1, core_min=1)
+    verdict = class_verdict(labels, np.ones(100), isolated, ["big", "b", "c"], cores=(0.1,), core_min=1)
     assert verdict["verdict"] == "no backdoor evidence"
 
 
@@ -171,9 +171,9 @@ def test_verdict_reads_the_most_robust_core_of_the_isolated_set():
     isolated[robust] = True
     scores[2300:2450] = 0.001
     isolated[2300:2450] = True
-    whole = class_verdict(labels, scores, isolated, ["a", "b", "c", "d"], core=1.0)
+    whole = class_verdict(labels, scores, isolated, ["a", "b", "c", "d"], cores=(1.0,))
     assert whole["core_size"] == 1350 and whole["verdict"] == "no backdoor evidence"
-    core = class_verdict(labels, scores, isolated, ["a", "b", "c", "d"], core=0.05)
+    core = class_verdict(labels, scores, isolated, ["a", "b", "c", "d"], cores=(0.05,))
     assert core["core_size"] == 200
     assert core["verdict"] == "backdoor suspected" and core["suspected_class"] == "c"
     assert core["per_class"][2]["core"] >= 150 and core["per_class"][2]["isolated"] == 450
@@ -197,7 +197,7 @@ def test_verdict_needs_confidence_on_a_small_core(size, expected):
     # the 0.5 threshold. From 200 images that is within chance (CIFAR-10 Blend's naturally
     # robust ship class reached 0.52 on 4,000 images); from 2,000 it is not.
     labels, scores, isolated = _core_of(0.6, size)
-    verdict = class_verdict(labels, scores, isolated, [str(c) for c in range(10)], core=0.1, core_min=1)
+    verdict = class_verdict(labels, scores, isolated, [str(c) for c in range(10)], cores=(0.1,), core_min=1)
     assert verdict["core_size"] == size and verdict["suspected_class"] == "0"
     assert verdict["concentration"] == pytest.approx((0.6 - 0.1) / 0.9, abs=1e-9)
     assert verdict["concentration_low"] < verdict["concentration"]
@@ -220,14 +220,104 @@ def test_verdict_with_nothing_isolated():
 
 
 def test_verdict_core_has_a_minimum_size():
-    # 5 % of 100 samples is 5, too few to judge: the core takes the 50 most robust isolated
+    # 5 % of 100 samples is 5, too few to judge: the core takes the 25 most robust isolated
     labels = np.repeat(np.arange(2), 50)
     scores = np.arange(100, dtype=float)
     isolated = scores < 60
-    verdict = class_verdict(labels, scores, isolated, ["a", "b"], core=0.05)
-    assert verdict["core_size"] == 50
-    assert verdict["per_class"][0]["core"] == 50 and verdict["suspected_class"] == "a"
+    verdict = class_verdict(labels, scores, isolated, ["a", "b"], cores=(0.05,))
+    assert verdict["core_size"] == 25
+    assert verdict["per_class"][0]["core"] == 25 and verdict["suspected_class"] == "a"
     assert class_verdict(labels, scores, scores < 10, ["a", "b"])["core_size"] == 10  # all isolated
+
+
+def _scan_like(*, robust: tuple[int, ...] = (), poison: int = 0, target: int = 0, classes: int = 10,
+               per_class: int = 1000, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Labels and scores shaped like a real scan's (benchmarks/VERDICT_CHECK.md), in log10 units.
+
+    Clean images spread over (-2.5, 1] with most near the top; naturally robust classes shift
+    their whole class down over the same range (no cluster below it); `poison` extra images of
+    `target` spread evenly per decade from 1e-5 to 1e-1, as a patch trigger's learnt poisons do.
+    """
+    rng = np.random.default_rng(seed)
+    labels = np.repeat(np.arange(classes), per_class)
+    log = 1 - 3.5 * rng.beta(1.5, 4.0, len(labels))
+    for c in robust:
+        log[labels == c] = 1 - 3.5 * rng.beta(3.0, 3.0, per_class)
+    labels = np.concatenate([labels, np.full(poison, target)])
+    log = np.concatenate([log, rng.uniform(-5, -1, poison)])
+    return labels, 10.0 ** log
+
+
+def _verdict_of(labels: np.ndarray, scores: np.ndarray) -> dict:
+    isolated, _ = choose_isolated(scores, method="otsu")
+    return class_verdict(labels, scores, isolated, [str(c) for c in range(labels.max() + 1)])
+
+
+def test_verdict_clean_set_with_naturally_robust_classes_is_not_suspected():
+    # three classes (ship, automobile, truck on CIFAR-10) shift down as a whole and share the bottom
+    verdict = _verdict_of(*_scan_like(robust=(1, 8, 9)))
+    assert verdict["suspected_class"] in {"1", "8", "9"}
+    assert verdict["concentration_low"] < 0.5 and verdict["verdict"] == "no backdoor evidence"
+
+
+@pytest.mark.parametrize("rate", [0.01, 0.05])
+@pytest.mark.parametrize("target", [4, 8])  # a plain class, and one of the naturally robust ones
+def test_verdict_names_a_patch_backdoor_target(rate, target):
+    verdict = _verdict_of(*_scan_like(robust=(1, 8, 9), poison=round(rate * 10_000), target=target))
+    assert verdict["verdict"] == "backdoor suspected"
+    assert verdict["suspected_class"] == str(target) and verdict["concentration_low"] >= 0.5
+
+
+def test_verdict_reads_several_cores():
+    # GTSRB-like: the poison fills the bottom 0.5 %, the naturally robust classes crowd the 5 % core
+    labels, scores = _scan_like(robust=(1, 2, 3, 5, 6, 7), poison=150, target=0)
+    isolated, _ = choose_isolated(scores, method="otsu")
+    names = [str(c) for c in range(10)]
+    assert class_verdict(labels, scores, isolated, names, cores=(0.05,))["verdict"] == "no backdoor evidence"
+    verdict = class_verdict(labels, scores, isolated, names)
+    assert verdict["verdict"] == "backdoor suspected" and verdict["suspected_class"] == "0"
+    assert verdict["core_size"] < 0.05 * len(labels)
+    assert [c["size"] for c in verdict["cores"]] == [26, 51, 102, 203, 508]
+    assert verdict["cores"][-1]["concentration_low"] < 0.5 <= verdict["concentration_low"]
+
+
+@pytest.mark.parametrize("poison, expected", [(30, "backdoor suspected"), (5, "no backdoor evidence")])
+def test_verdict_on_a_small_set(poison, expected):
+    labels, scores = _scan_like(poison=poison, target=1, classes=3, per_class=100)
+    verdict = _verdict_of(labels, scores)
+    assert verdict["verdict"] == expected
+    assert [c["size"] for c in verdict["cores"]] == [25]  # every share of 300-odd images is under the minimum
+
+
+def test_verdict_with_one_class():
+    labels, scores = _scan_like(classes=1, poison=100)
+    verdict = _verdict_of(labels, scores)
+    assert verdict["verdict"] == "no backdoor evidence" and verdict["concentration_low"] == 0.0
+    assert verdict["suspected_class"] == "0"
+
+
+def test_verdict_ties_do_not_fill_a_core_in_dataset_order():
+    # every score equal and the folder sorted class by class: no class may fill a core
+    labels = np.repeat(np.arange(10), 100)
+    verdict = class_verdict(labels, np.zeros(1000), np.ones(1000, dtype=bool), [str(c) for c in range(10)])
+    assert verdict["verdict"] == "no backdoor evidence"
+    assert verdict["concentration"] == pytest.approx(0.0, abs=1e-9)
+    assert [r["core"] for r in verdict["per_class"]] == [verdict["core_size"] // 10] * 10
+
+
+def test_verdict_false_alarm_rate_at_the_boundary():
+    # A class that holds exactly half of the room in every core (0.55 of each core against a 0.1 data
+    # share) is the boundary of "no evidence": it may be called suspected at most 5 % of the time.
+    rng = np.random.default_rng(0)
+    alarms = 0
+    for _ in range(200):
+        labels = rng.integers(1, 10, 2000)
+        bottom = np.flatnonzero(rng.random(200) < 0.55)
+        labels[bottom] = 0
+        labels[200:][rng.random(1800) < (200 - len(bottom)) / 1800] = 0  # class 0 is 10 % of the data
+        verdict = class_verdict(labels, np.arange(2000.0), np.ones(2000, dtype=bool), [str(c) for c in range(10)])
+        alarms += verdict["verdict"] == "backdoor suspected"
+    assert alarms <= 0.05 * 200
 
 
 # ---------------------------------------------------------------- read_scores
