@@ -50,10 +50,10 @@ SUSPECT_CONCENTRATION = 0.5
 VERDICT_SIGNIFICANCE = 0.05  # the bound holds with confidence 1 - VERDICT_SIGNIFICANCE
 # The verdict cores, as shares of the set: several depths, because where the target stands out
 # depends on the data. On 20,000 CIFAR-10 BadNets images the target held 71-100 % of the
-# 5 % core; on 10,000 GTSRB images (5 % BadNets) it held all of the 0.5 % core but 47 % of the
+# 5 % core; on 10,000 GTSRB images (5 % BadNets) it held 93 % of the 1 % core but 47 % of the
 # 5 % one, where the common signs crowd in (benchmarks/VERDICT_CHECK.md).
-VERDICT_CORES = (0.0025, 0.005, 0.01, 0.02, 0.05)
-VERDICT_CORE_MIN = 25  # samples: a smaller core says little about class make-up
+VERDICT_CORES = (0.005, 0.01, 0.02, 0.05)
+VERDICT_CORE_MIN = 100  # samples: natural robustness alone put 36 of one class in 50 (GTSRB)
 SPLIT_FIELDS = ("index", "path", "label", "score", "kept")
 # Below this accuracy on its own (unaugmented) training images the naive model has not
 # learnt its data, nor a backdoor: its robust images are noise, and so is the verdict.

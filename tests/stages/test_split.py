@@ -220,13 +220,13 @@ def test_verdict_with_nothing_isolated():
 
 
 def test_verdict_core_has_a_minimum_size():
-    # 5 % of 100 samples is 5, too few to judge: the core takes the 25 most robust isolated
-    labels = np.repeat(np.arange(2), 50)
-    scores = np.arange(100, dtype=float)
-    isolated = scores < 60
+    # 5 % of 1,000 samples is 50, too few to judge: the core takes the 100 most robust isolated
+    labels = np.repeat(np.arange(2), 500)
+    scores = np.arange(1000, dtype=float)
+    isolated = scores < 600
     verdict = class_verdict(labels, scores, isolated, ["a", "b"], cores=(0.05,))
-    assert verdict["core_size"] == 25
-    assert verdict["per_class"][0]["core"] == 25 and verdict["suspected_class"] == "a"
+    assert verdict["core_size"] == 100
+    assert verdict["per_class"][0]["core"] == 100 and verdict["suspected_class"] == "a"
     assert class_verdict(labels, scores, scores < 10, ["a", "b"])["core_size"] == 10  # all isolated
 
 
@@ -260,10 +260,12 @@ def test_verdict_clean_set_with_naturally_robust_classes_is_not_suspected():
     assert verdict["concentration_low"] < 0.5 and verdict["verdict"] == "no backdoor evidence"
 
 
-@pytest.mark.parametrize("rate", [0.01, 0.05])
+@pytest.mark.parametrize("rate, per_class", [(0.01, 2000), (0.05, 1000)])  # 200 and 500 poisons
 @pytest.mark.parametrize("target", [4, 8])  # a plain class, and one of the naturally robust ones
-def test_verdict_names_a_patch_backdoor_target(rate, target):
-    verdict = _verdict_of(*_scan_like(robust=(1, 8, 9), poison=round(rate * 10_000), target=target))
+def test_verdict_names_a_patch_backdoor_target(rate, per_class, target):
+    labels, scores = _scan_like(robust=(1, 8, 9), poison=round(rate * 10 * per_class), target=target,
+                                per_class=per_class)
+    verdict = _verdict_of(labels, scores)
     assert verdict["verdict"] == "backdoor suspected"
     assert verdict["suspected_class"] == str(target) and verdict["concentration_low"] >= 0.5
 
@@ -277,16 +279,17 @@ def test_verdict_reads_several_cores():
     verdict = class_verdict(labels, scores, isolated, names)
     assert verdict["verdict"] == "backdoor suspected" and verdict["suspected_class"] == "0"
     assert verdict["core_size"] < 0.05 * len(labels)
-    assert [c["size"] for c in verdict["cores"]] == [26, 51, 102, 203, 508]
+    assert [c["size"] for c in verdict["cores"]] == [100, 102, 203, 508]
     assert verdict["cores"][-1]["concentration_low"] < 0.5 <= verdict["concentration_low"]
 
 
-@pytest.mark.parametrize("poison, expected", [(30, "backdoor suspected"), (5, "no backdoor evidence")])
+@pytest.mark.parametrize("poison, expected", [(80, "backdoor suspected"), (20, "no backdoor evidence")])
 def test_verdict_on_a_small_set(poison, expected):
-    labels, scores = _scan_like(poison=poison, target=1, classes=3, per_class=100)
+    # 500 clean images: every core is the 100-image minimum, which 20 poisons cannot fill
+    labels, scores = _scan_like(poison=poison, target=1, per_class=50)
     verdict = _verdict_of(labels, scores)
-    assert verdict["verdict"] == expected
-    assert [c["size"] for c in verdict["cores"]] == [25]  # every share of 300-odd images is under the minimum
+    assert verdict["verdict"] == expected and [c["size"] for c in verdict["cores"]] == [100]
+    assert verdict["suspected_class"] == "1"
 
 
 def test_verdict_with_one_class():
