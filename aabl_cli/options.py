@@ -370,7 +370,8 @@ def run_stage_flags(func: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--link", type=click.Choice(["copy", "hardlink", "symlink"]), default="copy", show_default=True,
                      help="split: how kept/ and isolated/ get their files."),
         click.option("--fail-over", type=SHARE, default=None,
-                     help="CI gate: after the split, exit 3 (before training) when more than this share is isolated."),
+                     help="CI gate: after the split, exit 3 (before training) when more than this share is "
+                          "isolated (clean sets lose 25-50 % too: a budget, not a backdoor test)."),
         click.option("--fail-on-suspect", is_flag=True,
                      help="CI gate: after the split, exit 3 (before training) when the verdict is "
                           "'backdoor suspected'."),

@@ -43,8 +43,9 @@ def _report_of(workdir):
 
 
 def test_ci_cleaning_step_publishes_the_split_and_gates(tiny_data, tmp_path):
-    passed = _ci_step(tiny_data, tmp_path / "ok", FAIL_OVER="1")
+    passed = _ci_step(tiny_data, tmp_path / "ok")  # the default gates on the verdict alone
     assert passed.returncode in (0, 3), passed.stderr  # 3 only through --fail-on-suspect
+    assert "--fail-over" not in passed.stderr
     for path in ("split/kept", "split/isolated", "split/split.json", "scan/scores.png", "report.html"):
         assert (tmp_path / "ok" / path).exists(), path
     _report_of(tmp_path / "ok")
@@ -63,6 +64,7 @@ def test_workflow_runs_the_ci_step_and_publishes_its_outputs():
         assert f"{{{{ env.WORKDIR }}}}/{path}" in workflow and path in script
     assert script.index('\naabl report "$workdir"') > script.index("\naabl split")  # after the split, before exit
     assert all(f"{name}:" in workflow for name in ("DATA", "WORKDIR", "FAIL_OVER"))
+    assert 'FAIL_OVER: ""' in workflow and "fail_over=${FAIL_OVER:-}" in script  # off unless a budget is set
 
 
 def test_torchvision_export_writes_an_image_folder_aabl_reads(tmp_path):
