@@ -48,7 +48,7 @@ def test_tables_hold_ours_beside_the_papers_and_list_what_is_missing(reproduce):
     (store / "cifar10-badnets-advtrain.json").write_text(  # a result file of an earlier version reads the same
         json.dumps(_earlier(_result("cifar10", "badnets", "advtrain", asr=0.99))))
     text = reproduce.render("cpu-small")
-    assert f"2 of {len(reproduce.CONFIGS)} configurations finished" in text
+    assert f"2 of {len(reproduce.configs_of('cpu-small'))} configurations finished" in text
     # Table 1 row: our gamma, rho_vul, recall, naive ASR; the paper's gamma and rho_vul for BadNets
     assert ("| cifar10 | badnets | A | 80.0 | 1.25 | 90.0 | backdoor suspected | 60.0 | 95.0 | 10.0 | 82.34 | 0.13 |"
             in text)
@@ -357,3 +357,14 @@ def test_the_paper_recipe_mode_trains_the_kept_set_with_pgd10_and_is_shown_besid
     assert "| cifar10 | badnets | paper: PGD-10, step schedule | 50.0 | 31.0 | 4.0 | 2.0 | 50 |" in text
     assert "| cifar10 | badnets | fast minus paper (time: ratio) | 0.0 | -1.0 | 1.0 | | 0.20 |" in text
     assert reproduce.recipes_side_by_side(rows[:1]) == []
+
+
+def test_the_cpu_scale_lists_its_own_configurations(reproduce):
+    """The cpu scale runs the second-half rows (control, plain adversarial training) and the paper's recipe
+    beside the fast one; the other scales keep the original 13."""
+    cpu = reproduce.configs_of("cpu")
+    assert ("gtsrb", "blend", "control") in cpu and ("cifar10", "badnets", "pgd") in cpu
+    assert cpu.index(("gtsrb", "blend", "aabl")) < cpu.index(("gtsrb", "blend", "control"))  # the split first
+    assert reproduce.configs_of("cpu-small") == reproduce.CONFIGS and len(reproduce.CONFIGS) == 13
+    assert len(set(cpu)) == len(cpu)
+    assert "cifar10/none/aabl" in reproduce.render("cpu").split("Not yet run")[1]
