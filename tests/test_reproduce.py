@@ -236,7 +236,7 @@ def test_the_cpu_scale_runs_the_fast_recipe_in_bf16(reproduce):
     args = argparse.Namespace(seed="0")
     cifar = reproduce.settings("cpu", "cifar10")
     assert reproduce.train_options(cifar, args) == {
-        "arch": "cnn", "epochs": 15, "adv_method": "fgsm-rs", "schedule": "onecycle", "ema": 0.995,
+        "arch": "cnn", "epochs": 30, "adv_method": "fgsm-rs", "schedule": "onecycle", "ema": 0.995,
         "precision": "bf16", "batch_size": 128, "lr": 0.2, "seed": 0}
     assert reproduce.scan_options(cifar, args) == {"arch": "cnn", "epochs": 8, "precision": "bf16", "seed": 0}
     assert reproduce.settings("cpu", "gtsrb")["train_images"] is None  # every image of every class
