@@ -4,7 +4,10 @@ An image folder is torchvision's `ImageFolder` layout, `root/<class>/<file>`, cl
 sorted by name. It is decoded once into a `uint8 (N, 3, H, W)` tensor with `int64`
 labels and the files' relative paths, and cached in a memory-mappable file keyed by the
 files' contents (sha256), so a second run does not decode again and a rewritten file is
-never served from the cache, whatever its size and mtime.
+never served from the cache, whatever its size and mtime. A first decode writes each image
+into the cache file as soon as it is decoded, so no run holds the whole set in memory; the
+dataset's `images` map that file, and its `rows` read from it for the streamed data path
+(`core.stream`).
 
 Images are decoded by `core.images`; the cache is `core.cache`.
 """
@@ -26,7 +29,7 @@ from typing import TypeVar
 import numpy as np
 import torch
 
-from aabl_cli.core.cache import cache_key, default_cache_dir, read_cache, write_cache
+from aabl_cli.core.cache import CacheWriter, RowFile, cache_key, default_cache_dir, read_cache
 from aabl_cli.core.errors import AablError
 from aabl_cli.core.fsutil import inside
 from aabl_cli.core.images import (
@@ -54,7 +57,9 @@ class FolderListing:
 
 @dataclass
 class ImageDataset:
-    """A decoded image folder. `images` is uint8 (N, 3, H, W); `labels` int64 (N,)."""
+    """A decoded image folder. `images` is uint8 (N, 3, H, W), memory-mapped from the decode cache
+    (pages load when touched); `labels` int64 (N,). `rows` reads the same images from their file
+    without mapping it (None for a set held in memory)."""
 
     root: Path
     images: torch.Tensor
@@ -63,6 +68,7 @@ class ImageDataset:
     classes: list[str]
     fingerprint: str
     skipped: list[dict[str, str]] = field(default_factory=list)
+    rows: RowFile | None = None
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -70,6 +76,11 @@ class ImageDataset:
     @property
     def image_size(self) -> tuple[int, int]:
         return int(self.images.shape[2]), int(self.images.shape[3])
+
+    @property
+    def row_bytes(self) -> int:
+        """Bytes of one decoded image."""
+        return int(np.prod(self.images.shape[1:]))
 
     def class_counts(self) -> list[int]:
         return torch.bincount(self.labels, minlength=len(self.classes)).tolist()
@@ -289,24 +300,24 @@ def load_image_folder(
 
     if sizes is None:
         sizes = _most_common_size(root, listing, on_bad_file, max_image_pixels, quiet=quiet)
-    images, keep, bad, digests = _decode_all(root, listing, sizes, on_bad_file, max_image_pixels, quiet=quiet)
-    paths = [rel for (rel, _), ok in zip(listing.files, keep) if ok]
-    labels = torch.tensor([lab for (_, lab), ok in zip(listing.files, keep) if ok], dtype=torch.int64)
-    dataset = ImageDataset(
-        root=root,
-        images=torch.from_numpy(images),
-        labels=labels,
-        paths=paths,
-        classes=listing.classes,
-        fingerprint=_combine(paths, [d for d, ok in zip(digests, keep) if ok]),
-        skipped=bad,
-    )
-    if not cache_in_data:  # never write below an input folder
+    # never write below an input folder: then an anonymous temporary file holds the rows
+    writer = CacheWriter(None if cache_in_data else cache, key, (len(listing.files), 3, *sizes))
+    try:
+        keep, bad, digests = _decode_all(root, listing, sizes, on_bad_file, max_image_pixels, writer, quiet=quiet)
+        paths = [rel for (rel, _), ok in zip(listing.files, keep) if ok]
+        labels = [lab for (_, lab), ok in zip(listing.files, keep) if ok]
+        fingerprint = _combine(paths, [d for d, ok in zip(digests, keep) if ok])
+        meta = {"paths": paths, "labels": labels, "classes": listing.classes, "fingerprint": fingerprint,
+                "skipped": bad}
         # keyed by the bytes decoded, which differ from the ones looked up if a file changed meanwhile
-        write_cache(cache, cache_key(root, listing.classes, listing.files, digests, settings), dataset.images.numpy(),
-                    {"paths": dataset.paths, "labels": dataset.labels.tolist(), "classes": dataset.classes,
-                     "fingerprint": dataset.fingerprint, "skipped": dataset.skipped})
-    dataset.skipped = skipped + bad
+        images, rows = writer.commit(cache_key(root, listing.classes, listing.files, digests, settings), meta,
+                                     np.asarray(keep, dtype=bool))
+    except BaseException:  # an error or Ctrl-C: no half-written entry stays behind
+        writer.discard()
+        raise
+    dataset = ImageDataset(root=root, images=torch.from_numpy(images), labels=torch.tensor(labels, dtype=torch.int64),
+                           paths=paths, classes=listing.classes, fingerprint=fingerprint, skipped=skipped + bad,
+                           rows=rows)
     _check_classes(dataset, min_classes)
     return dataset
 
@@ -315,10 +326,10 @@ def _read_cached(cache: Path, key: str, root: Path) -> ImageDataset | None:
     found = read_cache(cache, key)
     if found is None:
         return None
-    array, meta = found
+    array, meta, rows = found
     return ImageDataset(root=root, images=torch.from_numpy(array),
                         labels=torch.tensor(meta["labels"], dtype=torch.int64), paths=meta["paths"],
-                        classes=meta["classes"], fingerprint=meta["fingerprint"], skipped=meta["skipped"])
+                        classes=meta["classes"], fingerprint=meta["fingerprint"], skipped=meta["skipped"], rows=rows)
 
 
 def peek_image_folder(folder: str | os.PathLike[str], *, image_size: int | None = None,
@@ -375,13 +386,12 @@ def _most_common_size(root: Path, listing: FolderListing, on_bad_file: str, max_
 
 
 def _decode_all(
-    root: Path, listing: FolderListing, size: tuple[int, int], on_bad_file: str, max_image_pixels: int, *,
-    quiet: bool
-) -> tuple[np.ndarray, list[bool], list[dict[str, str]], list[bytes | None]]:
-    """The images, which were kept, the bad files, and the sha256 of the bytes each was decoded
-    from (None where the file could not be read)."""
+    root: Path, listing: FolderListing, size: tuple[int, int], on_bad_file: str, max_image_pixels: int,
+    writer: CacheWriter, *, quiet: bool
+) -> tuple[list[bool], list[dict[str, str]], list[bytes | None]]:
+    """Decode every file into its row of `writer`; returns which were kept, the bad files, and the
+    sha256 of the bytes each was decoded from (None where the file could not be read)."""
     n = len(listing.files)
-    out = np.empty((n, 3, size[0], size[1]), dtype=np.uint8)
     keep = [True] * n
     bad: list[dict[str, str]] = []
     digests: list[bytes | None] = [None] * n
@@ -395,7 +405,7 @@ def _decode_all(
                 raise AablError(f"cannot read {path}: {err.strerror}; check its permissions, remove it, "
                                 "or pass --on-bad-file skip") from err
             digests[i] = hashlib.sha256(data).digest()
-            out[i] = decode_image(path, size, max_image_pixels=max_image_pixels, data=data).transpose(2, 0, 1)
+            writer.put(i, decode_image(path, size, max_image_pixels=max_image_pixels, data=data).transpose(2, 0, 1))
         except AablError as err:
             if on_bad_file != "skip":
                 raise
@@ -406,9 +416,7 @@ def _decode_all(
         if reason is not None:
             keep[i] = False
             bad.append({"path": listing.files[i][0], "reason": reason})
-    if not all(keep):
-        out = out[np.asarray(keep)]
-    return out, keep, bad, digests
+    return keep, bad, digests
 
 
 def _workers() -> int:
