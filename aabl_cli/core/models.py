@@ -9,12 +9,14 @@ max-pool); above that they keep the ImageNet stem.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 import torchvision
 from torch import nn
 
 SMALL_INPUT = 64  # px: at or below this, use the CIFAR-style stem
+STATS_BYTES = 1 << 18  # uint8 read at a time by channel_stats: small, so a streamed set stays bounded
 
 
 class Normalize(nn.Module):
@@ -153,16 +155,21 @@ def build_model(arch: str, *, num_classes: int, image_size: int | Sequence[int],
     return Classifier(ARCHS[arch](num_classes, side), mean, std)
 
 
-def channel_stats(images: torch.Tensor, *, chunk: int = 1024) -> tuple[list[float], list[float]]:
-    """Per-channel mean and std in [0, 1] of a uint8 (N, 3, H, W) tensor, in chunks so that
-    no float copy of the whole set is made."""
-    total = torch.zeros(images.shape[1], dtype=torch.float64, device=images.device)
-    total_sq = torch.zeros_like(total)
-    for start in range(0, images.shape[0], chunk):
-        part = images[start:start + chunk].to(torch.float64) / 255.0
-        total += part.sum(dim=(0, 2, 3))
-        total_sq += part.square().sum(dim=(0, 2, 3))
-    count = images.shape[0] * images.shape[2] * images.shape[3]
-    mean = total / count
-    std = (total_sq / count - mean.square()).clamp_min(1e-6).sqrt()
+def channel_stats(images: Any, *, chunk: int | None = None) -> tuple[list[float], list[float]]:
+    """Per-channel mean and std in [0, 1] of uint8 (N, 3, H, W) images (a tensor, or anything sliced
+    like one: `core.stream.StreamedImages`), `chunk` images at a time (default: STATS_BYTES of them).
+    Sums come from each chunk's histogram of the 256 levels, exact whatever the chunk and the device,
+    so a resident and a streamed set give the same numbers, and no wider copy of a chunk is made."""
+    n, c, h, w = images.shape
+    chunk = chunk or max(1, STATS_BYTES // (c * h * w))
+    counts = torch.zeros(c, 256, dtype=torch.int64)
+    for start in range(0, n, chunk):
+        part = images[start:start + chunk]
+        for ch in range(c):
+            counts[ch] += torch.bincount(part[:, ch].reshape(-1), minlength=256).cpu()
+    levels = torch.arange(256, dtype=torch.int64)
+    count = max(1, n * h * w)
+    mean = (counts * levels).sum(dim=1).double() / (255.0 * count)
+    mean_sq = (counts * levels.square()).sum(dim=1).double() / (255.0**2 * count)
+    std = (mean_sq - mean.square()).clamp_min(1e-6).sqrt()
     return mean.tolist(), std.tolist()
