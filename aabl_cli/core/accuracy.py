@@ -11,15 +11,16 @@ from aabl_cli.core.device import autocast
 from aabl_cli.core.fuse import AttackView
 from aabl_cli.core.graphs import GraphedAttack
 from aabl_cli.core.pixels import batch_to_float
+from aabl_cli.core.stream import Images, read_batches
 
 
-def predict(model: nn.Module, images: torch.Tensor, *, device: torch.device, batch_size: int = 256,
+def predict(model: nn.Module, images: Images, *, device: torch.device, batch_size: int = 256,
             threat: Threat | None = None, generator: torch.Generator | None = None,
             labels: torch.Tensor | None = None) -> torch.Tensor:
-    """Predicted labels (N,) for uint8 `images`, in order; under `threat.attack` against `labels` when
-    `threat` is given. With `threat.restarts` > 1 each sample keeps the prediction of the
-    first restart that fooled the model (restarts attack only samples not yet fooled), so
-    `pred == labels` means it survived all. The model is put in eval mode."""
+    """Predicted labels (N,) for uint8 `images` (a tensor, or a `StreamedImages`), in order; under
+    `threat.attack` against `labels` when `threat` is given. With `threat.restarts` > 1 each sample
+    keeps the prediction of the first restart that fooled the model (restarts attack only samples
+    not yet fooled), so `pred == labels` means it survived all. The model is put in eval mode."""
     model.eval()
     view = AttackView(model)  # batch norm folded away: same outputs, cheaper attack steps
     if threat is not None and threat.eps <= 0:
@@ -29,8 +30,9 @@ def predict(model: nn.Module, images: torch.Tensor, *, device: torch.device, bat
         graphed = GraphedAttack(view, eps=threat.eps, step_size=threat.step_size, steps=threat.steps,
                                 random_start=threat.random_start, device=device)
     out = []
-    for start in range(0, images.shape[0], batch_size):
-        x = batch_to_float(images[start:start + batch_size], device)
+    starts = range(0, images.shape[0], batch_size)
+    for start, chunk in zip(starts, read_batches(images, [slice(start, start + batch_size) for start in starts])):
+        x = batch_to_float(chunk, device)
         if threat is None:
             with torch.no_grad(), autocast(device):
                 out.append(view(x).argmax(dim=1).cpu())
@@ -65,7 +67,7 @@ def _pgd_predict(view: nn.Module, attack: GraphedAttack, x: torch.Tensor, y: tor
     return pred
 
 
-def accuracy(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, *, device: torch.device,
+def accuracy(model: nn.Module, images: Images, labels: torch.Tensor, *, device: torch.device,
              batch_size: int = 256, threat: Threat | None = None, generator: torch.Generator | None = None) -> float:
     """Share of `images` classified as `labels` (under `threat` when given), in [0, 1]."""
     if images.shape[0] == 0:

@@ -1,7 +1,9 @@
 """The one training loop: plain or adversarial, on one device or data-parallel, with no files.
 
-The loop works on the uint8 dataset tensor: batches are `randperm` slices, augmentation
-(random crop with padding, horizontal flip) is batched tensor work, and the float
+The loop works on the uint8 dataset tensor, or on its stream from the decode cache when the
+set does not fit the memory budget (`core.memory`, `core.stream`): batches are `randperm`
+slices, read ahead on a background thread when streamed, augmentation (random crop with
+padding, horizontal flip) is batched tensor work on the delivered batch, and the float
 conversion happens per batch. Loss and accuracy accumulate as tensors, so nothing
 waits for the device inside the loop. The learning rate is a function of the fractional
 epoch, set before every batch (`step_schedule`, `onecycle_schedule`). What happens between
@@ -28,8 +30,10 @@ from aabl_cli.core.device import autocast, make_generator, resolve_device
 from aabl_cli.core.ema import EMA
 from aabl_cli.core.fuse import AttackView
 from aabl_cli.core.graphs import GraphedAttack
+from aabl_cli.core.memory import DataPath, choose_data_path
 from aabl_cli.core.pixels import batch_to_float
 from aabl_cli.core.progress import log, progress
+from aabl_cli.core.stream import Images, StreamedImages, read_batches
 
 CPU_WARN_SECONDS = 3600
 SCHEDULES = ("step", "onecycle")
@@ -98,14 +102,35 @@ def open_training_set(data: str | Path, *, device: str, quiet: bool, **load: Any
     return dev, dataset, quiet
 
 
-def place_on_device(dataset: ImageDataset, device: torch.device,
-                    indices: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def choose_path(dataset: ImageDataset, device: torch.device, indices: torch.Tensor | None = None, *,
+                data_memory: int | str = "auto") -> DataPath:
+    """Resident or streamed: whether this process's rows (`indices`, default all) fit `data_memory`
+    (`core.memory.choose_data_path`)."""
+    count = len(dataset) if indices is None else len(indices)
+    return choose_data_path(count * dataset.row_bytes, data_memory=data_memory, device=device)
+
+
+def host_images(dataset: ImageDataset, *, stream: bool) -> Images:
+    """All of `dataset`'s images in host memory as the data path reads them (e.g. for `channel_stats`):
+    the memory-mapped tensor, or a stream that reads a few rows at a time."""
+    return StreamedImages(dataset, torch.device("cpu")) if stream else dataset.images
+
+
+def place_on_device(dataset: ImageDataset, device: torch.device, indices: torch.Tensor | None = None, *,
+                    stream: bool = False) -> tuple[Images, torch.Tensor]:
     """The uint8 set (or the rows `indices`, a process's shard) where training reads it: on a
-    GPU resident on the device; on the CPU in host memory."""
+    GPU resident on the device; on the CPU in host memory; with `stream`, a `StreamedImages` that
+    reads each batch from the decode cache and delivers it there. Labels are always resident."""
     images, labels = dataset.images, dataset.labels
     whole = indices is None or (len(indices) == len(labels) and torch.equal(indices, torch.arange(len(labels))))
+    if not whole:
+        labels = labels[indices]
+    if stream:
+        home = device if device.type == "cuda" else torch.device("cpu")
+        streamed = StreamedImages(dataset, home, None if whole else indices)
+        return streamed, labels.to(home)
     if not whole:  # a copy of the shard alone; the whole set stays shared (memory-mapped)
-        images, labels = images[indices], labels[indices]
+        images = images[indices]
     if device.type == "cuda":
         return images.to(device), labels.to(device)
     return images, labels
@@ -116,7 +141,7 @@ def sampling_generator(device: torch.device, seed: int) -> torch.Generator:
     return make_generator(device, seed + RANK_SEED_STRIDE * distributed.rank())
 
 
-def fit(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, *, optimizer: torch.optim.Optimizer,
+def fit(model: nn.Module, images: Images, labels: torch.Tensor, *, optimizer: torch.optim.Optimizer,
         epochs: int, batch_size: int, schedule: Callable[[float], float], device: torch.device,
         threat: Threat | None = None, ema: EMA | None = None, seed: int = 0,
         generator: torch.Generator | None = None, start_epoch: int = 0, history: list[dict[str, Any]] | None = None,
@@ -125,7 +150,8 @@ def fit(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, *, optimiz
         desc: str = "training", quiet: bool = False) -> list[dict[str, Any]]:
     """Train `model` in place from `start_epoch` to `epochs`; returns the history (one row per epoch).
 
-    `images` uint8 (N, C, H, W) and `labels` int64 (N,) may live on the CPU or on `device`.
+    `images` uint8 (N, C, H, W) (a tensor, or a `StreamedImages`) and `labels` int64 (N,) may live
+    on the CPU or on `device`.
     `schedule(t)` gives the learning rate of the batch at t = epoch + batch / batches (0-based);
     a row's `lr` is its epoch's first. With `threat` (eps > 0) every batch is replaced by its
     PGD examples, made in eval mode (fixed batch-norm statistics), before the training step.
@@ -184,7 +210,7 @@ def fit(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, *, optimiz
     return history
 
 
-def _train_epoch(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, *, optimizer: torch.optim.Optimizer,
+def _train_epoch(model: nn.Module, images: Images, labels: torch.Tensor, *, optimizer: torch.optim.Optimizer,
                  batch_size: int, device: torch.device, generator: torch.Generator, compile: bool,
                  warn_epochs: int | None, desc: str, quiet: bool, batches: int,
                  schedule: Callable[[float], float], epoch: int, ema: EMA | None = None,
@@ -200,15 +226,16 @@ def _train_epoch(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, *
     step_model = model if step_model is None else step_model
     n = images.shape[0]
     perm = torch.randperm(n, generator=generator, device=images.device)
+    steps = [(b, perm[b * batch_size:(b + 1) * batch_size]) for b in range(batches)]
+    # batch norm cannot train on one sample; compiled graphs keep one batch shape
+    steps = [(b, idx) for b, idx in steps if len(idx) >= 2 and not (compile and len(idx) < batch_size and b > 0)]
     loss_sum = torch.zeros((), device=device)
     correct = torch.zeros((), device=device, dtype=torch.int64)
     seen = 0
     t0 = time.perf_counter()
-    for b in progress(range(batches), total=batches, desc=desc, unit="batch", quiet=quiet):
-        idx = perm[b * batch_size:(b + 1) * batch_size]
-        if len(idx) < 2 or (compile and len(idx) < batch_size and b > 0):
-            continue  # batch norm cannot train on one sample; compiled graphs keep one batch shape
-        x = batch_to_float(batch_augment(images[idx], generator), device)
+    chunks = read_batches(images, [idx for _, idx in steps])
+    for (b, idx), chunk in progress(zip(steps, chunks), total=len(steps), desc=desc, unit="batch", quiet=quiet):
+        x = batch_to_float(batch_augment(chunk, generator), device)
         y = labels[idx].to(device, non_blocking=True)
         if attack is not None and view is not None:
             model.eval()  # attack with fixed batch-norm statistics, as TRADES and fast-AT do
