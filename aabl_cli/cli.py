@@ -26,6 +26,7 @@ from aabl_cli.options import (
     check_attack_options,
     check_run_options,
     common_options,
+    data_memory_option,
     emit,
     one_backdoor,
     parse_milestones,
@@ -273,6 +274,7 @@ def poison(data: Path, backdoor: str | None, old_backdoor: str | None, as_json: 
 @click.option("--cache-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Where decoded datasets are cached.  [default: $XDG_CACHE_HOME/aabl]")
 @precision_option()
+@data_memory_option()
 @click.option("--quiet", is_flag=True, help="No progress bars and no line in words on stderr (the JSON, warnings "
                                             "and errors still print).")
 def evaluate(model: Path, test: Path, attack: str, eps: float, step_size: float, steps: int | None, restarts: int,

@@ -15,6 +15,7 @@ from typing import Any
 import click
 
 from aabl_cli.core.errors import AablError, GateFailed
+from aabl_cli.core.memory import AUTO, parse_size
 from aabl_cli.core.text import json_text, printable
 
 ARCH_CHOICES = ("cnn", "resnet18", "resnet34", "vgg16", "mobilenetv2", "densenet121")
@@ -120,8 +121,26 @@ class FiniteFloat(click.FloatRange):
         return "" if self.min is None and self.max is None else super()._describe_range()
 
 
+class MemorySize(click.ParamType):
+    """A memory size: `512M`, `20G`, `1.5G` (binary units) or a number of bytes; or `auto`."""
+
+    name = "SIZE"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> int | str:
+        if isinstance(value, int):
+            return value
+        text = str(value).strip()
+        if text.lower() == AUTO:
+            return AUTO
+        try:
+            return parse_size(text)
+        except ValueError as err:
+            self.fail(str(err), param, ctx)
+
+
 BUDGET = Budget()
 SHARE = ShareType()
+MEMORY_SIZE = MemorySize()
 
 
 # Environment faults the user can fix wherever they strike (exit 1): what to do about each.
@@ -189,6 +208,7 @@ def common_options(func: Callable[..., Any]) -> Callable[..., Any]:
                           "decoding: a small file can claim gigabytes of pixels (a decompression bomb). A larger "
                           "image counts as a bad file (see --on-bad-file)."),
         precision_option(),
+        data_memory_option(),
         click.option("--quiet", is_flag=True, help="No progress bars or log lines."),
         click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON on stdout."),
     ]
@@ -207,6 +227,19 @@ def precision_option() -> Callable[[Callable[..., Any]], Callable[..., Any]]:
              "training at batch 128 on one thread), elsewhere it may be slower than float32; numbers differ "
              "from float32 by bf16 rounding. fp32: float32 everywhere, also on CUDA, where it gives up the bf16 "
              "speed-up. Attack perturbations stay float32 in every mode.")
+
+
+def data_memory_option() -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """--data-memory, of every command that reads a whole image folder into a network (scan, train, evaluate,
+    run)."""
+    return click.option(
+        "--data-memory", type=MEMORY_SIZE, default=AUTO, show_default=True,
+        help="Memory the decoded images may take. A set that fits is held whole (on the GPU with CUDA); a larger "
+             "one is streamed from the decode cache batch by batch, read ahead on a background thread (pinned "
+             "and copied asynchronously on CUDA), with the same batches and results. auto: half of the GPU's "
+             "free memory with CUDA, and half of the host's available memory (shared by torchrun's processes "
+             "on the machine). SIZE: e.g. 512M or 20G (binary units). The stage's JSON records the path taken "
+             "and why as data_path; it is not a setting, so changing it redoes nothing.")
 
 
 def recipe_options(prefix: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
@@ -402,7 +435,8 @@ def run_stage_flags(func: Callable[..., Any]) -> Callable[..., Any]:
 def run_stage_options(o: dict[str, Any]) -> tuple[dict[str, Any], ...]:
     """`aabl run`'s options as each stage's keyword options: (common to scan and train, scan's, split's,
     train's). A stage's own flags carry its name (--scan-epochs -> scan's `epochs`)."""
-    common = {k: o[k] for k in ("device", "cache_dir", "on_bad_file", "max_image_pixels", "image_size")}
+    common = {k: o[k] for k in ("device", "cache_dir", "on_bad_file", "max_image_pixels", "image_size",
+                                "data_memory")}
     shared = {k: o[k] for k in ("arch", "batch_size", "seed", "compile", "precision")}
     scan = {"epochs": o["scan_epochs"], "lr": o["scan_lr"], "eps": o["scan_eps"], "step_size": o["scan_step_size"],
             "steps": o["scan_steps"], "resume": "auto", **shared}

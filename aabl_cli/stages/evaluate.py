@@ -16,14 +16,16 @@ from aabl_cli.core.accuracy import accuracy, predict
 from aabl_cli.core.apgd import INITIAL_STEP, MOMENTUM, RHO, checkpoints, target_count
 from aabl_cli.core.attacks import PAPER_RA, Threat
 from aabl_cli.core.checkpoint import load_model
-from aabl_cli.core.data import list_image_folder, load_image_folder
+from aabl_cli.core.data import ImageDataset, list_image_folder, load_image_folder
 from aabl_cli.core.device import make_generator, prepare_model, resolve_device, use_precision
 from aabl_cli.core.errors import AablError
+from aabl_cli.core.memory import choose_data_path
+from aabl_cli.core.stream import Images, StreamedImages, select
 
 
 def _load_for_model(folder: str | Path, classes: list[str], image_size: list[int], *,
-                    cache_dir: str | Path | None, quiet: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """An image folder relabelled into the checkpoint's class indices (folder names must be among them)."""
+                    cache_dir: str | Path | None, quiet: bool) -> tuple[ImageDataset, torch.Tensor]:
+    """An image folder and its labels in the checkpoint's class indices (folder names must be among them)."""
     data = load_image_folder(folder, image_size=tuple(image_size), cache_dir=cache_dir, min_classes=1,
                              warn_empty=False, quiet=quiet)
     unknown = [c for c in data.classes if c not in classes]
@@ -31,18 +33,21 @@ def _load_for_model(folder: str | Path, classes: list[str], image_size: list[int
         raise AablError(f"{folder} has class folder(s) {unknown[:5]} that the model does not know "
                         f"(its classes: {classes[:10]}); use a folder with the training class names")
     mapping = torch.tensor([classes.index(c) for c in data.classes], dtype=torch.int64)
-    return data.images, mapping[data.labels]
+    return data, mapping[data.labels]
 
 
 def evaluate(model: str | Path, test: str | Path, *, poisoned: str | Path | None = None,
              threat: Threat = PAPER_RA, batch_size: int = 256, seed: int = 0, device: str = "auto",
-             cache_dir: str | Path | None = None, precision: str = "auto", quiet: bool = False) -> dict[str, Any]:
+             cache_dir: str | Path | None = None, precision: str = "auto", data_memory: int | str = "auto",
+             quiet: bool = False) -> dict[str, Any]:
     """ACC on the clean `test` folder, RA under `threat` (its `attack`), ASR on the `poisoned` folder.
 
     The poisoned folder holds triggered images relabelled to the target (`aabl poison
     --test`), so ASR is the share classified as their (target) label; `target_rate` is the
     same share on the clean non-target test images, ASR's baseline. Returns fractions.
     `precision` of the forward passes: `core.device.use_precision` (recorded in the result).
+    `data_memory` (bytes, or "auto"): the budget above which the test images are streamed from
+    the decode cache (`core.memory`); the path taken is recorded as `data_path`.
     """
     dev = distributed.setup(resolve_device(device))
     quiet = quiet or not distributed.is_main()
@@ -50,21 +55,28 @@ def evaluate(model: str | Path, test: str | Path, *, poisoned: str | Path | None
         check_triggered_set(poisoned)
     with use_precision(precision):
         result = _evaluate(model, test, poisoned=poisoned, threat=threat, batch_size=batch_size, seed=seed, dev=dev,
-                           cache_dir=cache_dir, quiet=quiet)
+                           cache_dir=cache_dir, data_memory=data_memory, quiet=quiet)
     result["precision"] = precision
     return result
 
 
 def _evaluate(model: str | Path, test: str | Path, *, poisoned: str | Path | None, threat: Threat, batch_size: int,
-              seed: int, dev: torch.device, cache_dir: str | Path | None, quiet: bool) -> dict[str, Any]:
+              seed: int, dev: torch.device, cache_dir: str | Path | None, data_memory: int | str,
+              quiet: bool) -> dict[str, Any]:
     net, meta = load_model(Path(model), device=dev)
     net = prepare_model(net, dev)
     started = time.time()
     with distributed.main_first():  # rank 0 fills the decode cache, the others read it
-        images, labels = _load_for_model(test, meta["classes"], meta["image_size"], cache_dir=cache_dir,
-                                         quiet=quiet)
+        test_set, labels = _load_for_model(test, meta["classes"], meta["image_size"], cache_dir=cache_dir,
+                                           quiet=quiet)
+        poisoned_set, p_labels = (None, None) if poisoned is None else _load_for_model(
+            poisoned, meta["classes"], meta["image_size"], cache_dir=cache_dir, quiet=quiet)
+    sets = [s for s in (test_set, poisoned_set) if s is not None]
+    path = choose_data_path(sum(len(s) * s.row_bytes for s in sets), data_memory=data_memory, device=dev)
+    home = dev if dev.type == "cuda" else torch.device("cpu")
+    images = StreamedImages(test_set, home) if path.streamed else test_set.images
     result: dict[str, Any] = {
-        "model": str(model), "test": str(test), "samples": int(images.shape[0]),
+        "model": str(model), "test": str(test), "samples": int(images.shape[0]), "data_path": path.as_record(),
         "acc": _sharded_accuracy(net, images, labels, device=dev, batch_size=batch_size),
     }
     if threat.eps > 0:
@@ -72,10 +84,8 @@ def _evaluate(model: str | Path, test: str | Path, *, poisoned: str | Path | Non
                                          generator=make_generator(dev, seed + 1_000_003 * distributed.rank()))
         result["attack"] = attack_record(threat, classes=len(meta["classes"]))
         result["threat"] = asdict(threat)
-    if poisoned is not None:
-        with distributed.main_first():
-            p_images, p_labels = _load_for_model(poisoned, meta["classes"], meta["image_size"], cache_dir=cache_dir,
-                                                 quiet=quiet)
+    if poisoned_set is not None and p_labels is not None:
+        p_images = StreamedImages(poisoned_set, home) if path.streamed else poisoned_set.images
         result["poisoned"] = str(poisoned)
         result["asr"] = _sharded_accuracy(net, p_images, p_labels, device=dev, batch_size=batch_size)
         result.update(_target_rate(net, images, labels, p_labels, meta["classes"], device=dev,
@@ -142,7 +152,7 @@ def check_triggered_set(folder: str | Path) -> None:
                         "only triggered images, all under the target class's folder")
 
 
-def _target_rate(net: nn.Module, images: torch.Tensor, labels: torch.Tensor, p_labels: torch.Tensor,
+def _target_rate(net: nn.Module, images: Images, labels: torch.Tensor, p_labels: torch.Tensor,
                  classes: list[str], *, device: torch.device, batch_size: int) -> dict[str, Any]:
     """ASR's baseline: the share of clean test images outside the target class classified as the
     target, without any trigger. An ASR near it says the model favours the target class, not that
@@ -154,7 +164,7 @@ def _target_rate(net: nn.Module, images: torch.Tensor, labels: torch.Tensor, p_l
     others = labels != target
     if not bool(others.any()):
         return {}
-    rate = _sharded_accuracy(net, images[others], torch.full((int(others.sum()),), target, dtype=labels.dtype),
+    rate = _sharded_accuracy(net, select(images, others), torch.full((int(others.sum()),), target, dtype=labels.dtype),
                              device=device, batch_size=batch_size)
     return {"target": classes[target], "target_rate": rate}
 
@@ -175,7 +185,7 @@ def reading_warnings(result: dict[str, Any]) -> list[str]:
             f"{result['target']!r}, so the ASR shows a bias towards that class, not a learnt trigger"]
 
 
-def _sharded_accuracy(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, *, device: torch.device,
+def _sharded_accuracy(model: nn.Module, images: Images, labels: torch.Tensor, *, device: torch.device,
                       batch_size: int, threat: Threat | None = None,
                       generator: torch.Generator | None = None) -> float:
     """`accuracy` over this process's shard, summed over the processes under torchrun."""
@@ -185,8 +195,8 @@ def _sharded_accuracy(model: nn.Module, images: torch.Tensor, labels: torch.Tens
     idx = distributed.shard(images.shape[0])
     correct = torch.zeros(2, dtype=torch.float64, device=device)
     if len(idx):
-        pred = predict(model, images[idx], device=device, batch_size=batch_size, threat=threat, generator=generator,
-                       labels=labels[idx])
+        pred = predict(model, select(images, idx), device=device, batch_size=batch_size, threat=threat,
+                       generator=generator, labels=labels[idx])
         correct[0] = float((pred == labels[idx]).sum())
         correct[1] = float(len(idx))
     right, total = distributed.all_reduce_sum(correct).tolist()

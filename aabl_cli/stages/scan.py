@@ -31,24 +31,34 @@ from aabl_cli.core.graphs import GraphedAttack
 from aabl_cli.core.groundtruth import read_ground_truth
 from aabl_cli.core.images import DEFAULT_MAX_IMAGE_PIXELS
 from aabl_cli.core.lock import workdir_lock
-from aabl_cli.core.loop import fit, open_training_set, place_on_device, sampling_generator, step_schedule
+from aabl_cli.core.loop import (
+    choose_path,
+    fit,
+    host_images,
+    open_training_set,
+    place_on_device,
+    sampling_generator,
+    step_schedule,
+)
 from aabl_cli.core.losses import sce
 from aabl_cli.core.models import build_model, channel_stats
 from aabl_cli.core.pixels import batch_to_float
 from aabl_cli.core.plots import plot_scores
 from aabl_cli.core.progress import log, progress
 from aabl_cli.core.resume import Resume, prepare_folder, write_history
+from aabl_cli.core.stream import Images, read_batches
 from aabl_cli.core.threshold import choose_isolated
 from aabl_cli.core.workdir import Workdir
 
 SCORE_FIELDS = ("index", "path", "label", "class", "score", "ce_adv", "loss_clean", "pred_clean", "pred_adv")
 
 
-def score_samples(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, *, device: torch.device,
+def score_samples(model: nn.Module, images: Images, labels: torch.Tensor, *, device: torch.device,
                   eps: float, step_size: float, steps: int, alpha: float = 0.1, beta: float = 1.0,
                   batch_size: int = 256, quiet: bool = False) -> dict[str, np.ndarray]:
     """Attack every sample with iFGSM (model in eval mode, no augmentation) and score it.
 
+    `images` uint8 (N, C, H, W): a tensor, or a `StreamedImages` read ahead batch by batch.
     Returns arrays of length N in dataset order: `score` (SCE on the adversarial
     example), `ce_adv`, `loss_clean` (SCE on the clean image), `pred_clean`, `pred_adv`.
     """
@@ -57,9 +67,10 @@ def score_samples(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, 
     attack = GraphedAttack(view, eps=eps, step_size=step_size, steps=steps, random_start=False, device=device)
     out: dict[str, list[torch.Tensor]] = {k: [] for k in ("score", "ce_adv", "loss_clean", "pred_clean", "pred_adv")}
     n = images.shape[0]
-    batches = range(0, n, batch_size)
-    for start in progress(batches, total=len(batches), desc="scoring", unit="batch", quiet=quiet):
-        x = batch_to_float(images[start:start + batch_size], device)
+    starts = range(0, n, batch_size)
+    chunks = read_batches(images, [slice(start, start + batch_size) for start in starts])
+    for start, chunk in progress(zip(starts, chunks), total=len(starts), desc="scoring", unit="batch", quiet=quiet):
+        x = batch_to_float(chunk, device)
         y = labels[start:start + batch_size].to(device)
         x_adv = attack(x, y)  # iFGSM: PGD without a random start
         with torch.no_grad(), autocast(device):
@@ -108,12 +119,14 @@ def scan(data: str | Path, *, workdir: str | Path = "aabl-out", arch: str = "res
          steps: int = 5, alpha: float = 0.1, beta: float = 1.0, model: str | Path | None = None, seed: int = 0,
          device: str = "auto", resume: bool | str = False, quiet: bool = False, cache_dir: str | Path | None = None,
          on_bad_file: str = "error", image_size: int | None = None, compile: bool = False, precision: str = "auto",
-         max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> dict[str, Any]:
+         max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS, data_memory: int | str = "auto") -> dict[str, Any]:
     """Naive training (Adam, no weight decay, crop+flip) then iFGSM scoring of every sample.
 
     Writes `workdir/scan/` with `scores.csv`, `model.safetensors`, `scan.json` and
     `scores.png`; with `model` (a checkpoint) the training is skipped. Returns the summary.
-    `precision` of the forward passes: `core.device.use_precision`.
+    `precision` of the forward passes: `core.device.use_precision`. `data_memory` (bytes, or
+    "auto"): the budget above which the images are streamed from the decode cache rather than
+    held (`core.memory`); the same results either way, recorded as `data_path`, not a setting.
     """
     wd = Workdir(workdir)
     partial = wd.partial("scan")
@@ -141,7 +154,10 @@ def scan(data: str | Path, *, workdir: str | Path = "aabl-out", arch: str = "res
         train_seconds = 0.0
         n = len(dataset)
         train_idx, score_idx = distributed.training_shard(n), distributed.shard(n)  # both arange(n) alone
-        images: torch.Tensor | None = None
+        path = choose_path(dataset, dev, train_idx, data_memory=data_memory)
+        if path.streamed:
+            log(f"scan: streaming the images from the decode cache: {path.reason}", quiet=quiet)
+        images: Images | None = None
         history: list[dict[str, Any]] = []
         if given is not None:
             net, meta = given
@@ -152,7 +168,7 @@ def scan(data: str | Path, *, workdir: str | Path = "aabl-out", arch: str = "res
             if distributed.is_main():
                 shutil.copyfile(model, partial.model)  # the scoring model, as it was given
         else:
-            mean, std = channel_stats(dataset.images)
+            mean, std = channel_stats(host_images(dataset, stream=path.streamed))
             net = prepare_model(build_model(arch, num_classes=len(dataset.classes), image_size=dataset.image_size,
                                             mean=mean, std=std), dev)
             optimizer = torch.optim.Adam(net.parameters(), lr=lr, weight_decay=0.0)
@@ -162,7 +178,7 @@ def scan(data: str | Path, *, workdir: str | Path = "aabl-out", arch: str = "res
                            eps=0.0, epochs=done, seed=seed, dataset_fingerprint=dataset.fingerprint)
 
             t0 = time.time()
-            images, labels = place_on_device(dataset, dev, train_idx)
+            images, labels = place_on_device(dataset, dev, train_idx, stream=path.streamed)
             state = Resume(partial, key={**settings, "fingerprint": dataset.fingerprint}, mode=resume,
                            save_model=save, desc="scan: naive training", quiet=quiet)
             generator = sampling_generator(images.device, seed)
@@ -173,7 +189,7 @@ def scan(data: str | Path, *, workdir: str | Path = "aabl-out", arch: str = "res
                           quiet=quiet)
             train_seconds = time.time() - t0
         if images is None or not torch.equal(train_idx, score_idx):
-            images, labels = place_on_device(dataset, dev, score_idx)
+            images, labels = place_on_device(dataset, dev, score_idx, stream=path.streamed)
         t0 = time.time()
         local = score_samples(net, images, labels, device=dev, eps=eps, step_size=step_size, steps=steps,
                               alpha=alpha, beta=beta, batch_size=_score_batch(batch_size, dev), quiet=quiet)
@@ -196,7 +212,7 @@ def scan(data: str | Path, *, workdir: str | Path = "aabl-out", arch: str = "res
         summary = {
             "stage": "scan", "aabl_version": __version__, "torch_version": torch.__version__, "device": str(dev),
             "data": str(Path(dataset.root).resolve()), "dataset_fingerprint": dataset.fingerprint,
-            "settings": settings, "samples": len(dataset), "classes": dataset.classes,
+            "settings": settings, "data_path": path.as_record(), "samples": len(dataset), "classes": dataset.classes,
             "class_counts": dataset.class_counts(), "skipped": dataset.skipped,
             # the naive model on its own training images: its last epoch's (augmented) accuracy, then in
             # eval mode on the images as they are (acc) and under the scoring iFGSM (ra)

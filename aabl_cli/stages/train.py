@@ -27,10 +27,20 @@ from aabl_cli.core.errors import AablError
 from aabl_cli.core.fsutil import Place, inside, refuse_overlap, replace_dir, write_json
 from aabl_cli.core.images import DEFAULT_MAX_IMAGE_PIXELS
 from aabl_cli.core.lock import workdir_lock
-from aabl_cli.core.loop import SCHEDULES, fit, make_schedule, open_training_set, place_on_device, sampling_generator
+from aabl_cli.core.loop import (
+    SCHEDULES,
+    choose_path,
+    fit,
+    host_images,
+    make_schedule,
+    open_training_set,
+    place_on_device,
+    sampling_generator,
+)
 from aabl_cli.core.models import build_model, channel_stats
 from aabl_cli.core.progress import log
 from aabl_cli.core.resume import Resume, prepare_folder
+from aabl_cli.core.stream import Images, StreamedImages
 from aabl_cli.core.workdir import StageFolder, Workdir, read_summary
 
 ADV_METHODS = ("pgd", "fgsm-rs")
@@ -73,7 +83,7 @@ def train(data: str | Path | None = None, *, workdir: str | Path = "aabl-out", a
           resume: bool | str = False, quiet: bool = False, cache_dir: str | Path | None = None,
           on_bad_file: str = "error", image_size: int | None = None, adv_method: str = "pgd",
           compile: bool = False, precision: str = "auto",
-          max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> dict[str, Any]:
+          max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS, data_memory: int | str = "auto") -> dict[str, Any]:
     """PGD adversarial training from scratch (Madry et al.); `eps=0` trains plainly.
 
     `adv_method="fgsm-rs"` trains on one FGSM step of 1.25 eps from a uniform random start
@@ -82,6 +92,8 @@ def train(data: str | Path | None = None, *, workdir: str | Path = "aabl-out", a
     40 % of the iterations, then down to 0). `ema` > 0: validate and save the exponential moving
     average of the weights with this decay (`core.ema`). With `val`, `keep="best"` saves the
     epoch of the best val_ra rather than the last. `precision`: `core.device.use_precision`.
+    `data_memory` (bytes, or "auto"): the budget above which the images (and the validation
+    subset) are streamed from the decode cache (`core.memory`); recorded as `data_path`.
 
     Reads an image folder (default: `workdir/split/kept`), writes `workdir/train/` with
     `model.safetensors`, `train.json` and `history.csv`; returns the summary, which names the
@@ -116,10 +128,14 @@ def train(data: str | Path | None = None, *, workdir: str | Path = "aabl-out", a
         dev, dataset, quiet = open_training_set(data, device=device, quiet=quiet, image_size=image_size,
                                                 on_bad_file=on_bad_file, cache_dir=cache_dir,
                                                 max_image_pixels=max_image_pixels)
+        shard = distributed.training_shard(len(dataset))
+        path = choose_path(dataset, dev, shard, data_memory=data_memory)
+        if path.streamed:
+            log(f"train: streaming the images from the decode cache: {path.reason}", quiet=quiet)
         val_set = None
         if distributed.is_main():  # validation runs on rank 0 alone
             val_set = _load_val(val, dataset, val_size=val_size, seed=seed, cache_dir=cache_dir,
-                                max_image_pixels=max_image_pixels, quiet=quiet)
+                                max_image_pixels=max_image_pixels, stream=path.streamed, device=dev, quiet=quiet)
         check_image_size(dataset)
         settings = train_settings(dataset.root, image_size=dataset.image_size, arch=arch, epochs=epochs, eps=eps,
                                   step_size=step_size, steps=steps, adv_method=adv_method, lr=lr, momentum=momentum,
@@ -128,7 +144,7 @@ def train(data: str | Path | None = None, *, workdir: str | Path = "aabl-out", a
                                   compile=compile, precision=precision, distributed=distributed.describe(batch_size))
 
         seed_everything(seed)
-        mean, std = channel_stats(dataset.images)
+        mean, std = channel_stats(host_images(dataset, stream=path.streamed))
         model = prepare_model(build_model(arch, num_classes=len(dataset.classes), image_size=dataset.image_size,
                                           mean=mean, std=std), dev)
         optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
@@ -160,7 +176,7 @@ def train(data: str | Path | None = None, *, workdir: str | Path = "aabl-out", a
             state.save(done, rows)
 
         prepare_folder(partial, resume)
-        images, labels = place_on_device(dataset, dev, distributed.training_shard(len(dataset)))
+        images, labels = place_on_device(dataset, dev, shard, stream=path.streamed)
         state = Resume(partial, key={**settings, "fingerprint": dataset.fingerprint}, mode=resume, save_model=save,
                        desc="train", quiet=quiet)
         generator = sampling_generator(images.device, seed)
@@ -178,7 +194,8 @@ def train(data: str | Path | None = None, *, workdir: str | Path = "aabl-out", a
                 save(partial.model, kept)
         summary = {
             "stage": "train", "aabl_version": __version__, "torch_version": torch.__version__,
-            "device": str(dev), "settings": settings, "dataset_fingerprint": dataset.fingerprint,
+            "device": str(dev), "settings": settings, "data_path": path.as_record(),
+            "dataset_fingerprint": dataset.fingerprint,
             "samples": len(dataset), "classes": dataset.classes, "class_counts": dataset.class_counts(),
             "skipped": dataset.skipped, "final": history[-1] if history else {}, "kept_epoch": kept,
             "best_val_ra": best.val_ra if best is not None and best.epoch else None,
@@ -219,8 +236,9 @@ def _refuse_link_none(data: Path) -> None:
 
 
 def _load_val(val: str | Path | None, train_set: ImageDataset, *, val_size: int, seed: int,
-              cache_dir: str | Path | None, max_image_pixels: int,
-              quiet: bool) -> tuple[torch.Tensor, torch.Tensor] | None:
+              cache_dir: str | Path | None, max_image_pixels: int, stream: bool, device: torch.device,
+              quiet: bool) -> tuple[Images, torch.Tensor] | None:
+    """The seeded, class-balanced validation subset: a copy, or with `stream` read from the cache."""
     if val is None:
         return None
     val_set = load_image_folder(val, image_size=train_set.image_size, cache_dir=cache_dir, min_classes=1,
@@ -229,4 +247,7 @@ def _load_val(val: str | Path | None, train_set: ImageDataset, *, val_size: int,
         raise AablError(f"--val {val} has classes {val_set.classes}, the training data {train_set.classes}; "
                         "pass a validation folder with the same class folders")
     idx = balanced_subset(val_set.labels, size=val_size, seed=seed)
+    if stream:
+        home = device if device.type == "cuda" else torch.device("cpu")
+        return StreamedImages(val_set, home, idx), val_set.labels[idx]
     return val_set.images[idx], val_set.labels[idx]

@@ -157,3 +157,22 @@ def test_evaluate_runs_autoattack_on_a_real_checkpoint(tiny_data: Path, tmp_path
     assert numbers["attack"]["name"] == "autoattack" and numbers["attack"]["targets"] == 2
     assert numbers["attack"]["checkpoints"] == [2, 3, 4, 5]
     assert numbers["samples"] == 36 and 0 <= numbers["ra"] <= numbers["acc"]
+
+
+def test_a_streamed_evaluation_gives_the_resident_numbers(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    test, poisoned = {"a": [100, 100, 100, 124, 124, 210], "b": [200, 200, 130, 100]}, {"b": [200, 200, 200, 100]}
+    resident = evaluate_threshold_model(tmp_path / "r", monkeypatch, test, poisoned, "--batch-size", "3")
+    streamed = evaluate_threshold_model(tmp_path / "s", monkeypatch, test, poisoned, "--batch-size", "3",
+                                        "--data-memory", "1K")
+    assert resident["data_path"]["mode"] == "resident"
+    assert streamed["data_path"]["mode"] == "streamed" and streamed["data_path"]["decoded_bytes"] == 14 * 768
+    for key in ("acc", "ra", "asr", "target_rate"):
+        assert streamed[key] == resident[key], key
+
+
+@pytest.mark.parametrize("size", ["lots", "12Q", "-1M"])
+def test_a_bad_data_memory_exits_2_naming_the_option(tmp_path: Path, size: str) -> None:
+    result = CliRunner().invoke(cli, ["evaluate", str(tmp_path / "m.safetensors"), str(tmp_path), "--data-memory",
+                                      size])
+    assert result.exit_code == 2, result.output
+    assert "--data-memory" in result.output and "512M, 20G" in result.output

@@ -181,3 +181,18 @@ def test_run_scales_the_training_learning_rate_with_the_batch(tiny_data: Path, t
     explicit = invoke("run", tiny_data, "--workdir", work, "--cache-dir", cache, "--dry-run", "--train-lr", "0.05",
                       *FAST)
     assert explicit.exit_code == 0 and "scaled" not in explicit.output
+
+
+def test_run_passes_the_data_memory_to_both_stages_and_redoes_nothing_for_it(tiny_data: Path, tmp_path: Path) -> None:
+    work, cache = tmp_path / "w", tmp_path / "c"
+    first = invoke("run", tiny_data, "--workdir", work, "--cache-dir", cache, "--quiet", "--json",
+                   "--data-memory", "2K", *FAST)
+    assert first.exit_code == 0, first.output
+    summary = json.loads(first.stdout)
+    assert summary["scan"]["data_path"]["mode"] == summary["train"]["data_path"]["mode"] == "streamed"
+    assert "data_path" not in summary["scan"]["settings"] and "data_path" not in summary["train"]["settings"]
+    again = invoke("run", tiny_data, "--workdir", work, "--cache-dir", cache, "--quiet", "--json", *FAST)
+    assert again.exit_code == 0, again.output
+    assert json.loads(again.stdout)["plan"] == {"scan": "done", "split": "done", "train": "done"}
+    bad = invoke("run", tiny_data, "--workdir", work, "--data-memory", "much", *FAST)
+    assert bad.exit_code == 2 and "--data-memory" in bad.output

@@ -153,3 +153,28 @@ def test_scan_shares_the_loop_and_resumes_to_the_same_scores(tiny_data, tmp_path
     full = (tmp_path / "full" / "scan" / "scores.csv").read_text()
     assert (tmp_path / "cut" / "scan" / "scores.csv").read_text() == full
     assert not (tmp_path / "cut" / ".scan.partial").exists()
+
+
+def test_a_streamed_scan_writes_the_resident_scores_and_records_its_path(scanned, tmp_path):
+    streamed = scan(scanned["data"], workdir=tmp_path / "w", cache_dir=scanned["cache"], data_memory="4K", **COMMON)
+    assert (tmp_path / "w" / "scan" / "scores.csv").read_bytes() == \
+        (scanned["work"] / "scan" / "scores.csv").read_bytes()
+    a, b = (load_model(w / "scan" / "model.safetensors")[0].state_dict() for w in (scanned["work"], tmp_path / "w"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    resident = scanned["summary"]["data_path"]
+    assert resident["mode"] == "resident" and resident["decoded_bytes"] == 36 * 3 * 16 * 16
+    assert streamed["data_path"] == {"mode": "streamed", "reason": "decoded 27 KiB > budget 4 KiB (--data-memory)",
+                                     "budget_bytes": 4096, "decoded_bytes": 27648}
+    assert streamed["settings"] == scanned["summary"]["settings"]  # the path is not a setting
+
+
+def test_an_interrupted_streamed_scan_resumes_to_the_resident_scores(tiny_data, tmp_path, monkeypatch):
+    common = dict(arch="cnn", epochs=2, batch_size=8, device="cpu", quiet=True, cache_dir=tmp_path / "c", seed=2)
+    scan(tiny_data, workdir=tmp_path / "full", **common)
+    with interrupted_after_first_epoch(monkeypatch):
+        scan(tiny_data, workdir=tmp_path / "cut", data_memory="1K", **common)
+    epochs_run = count_epochs(monkeypatch)
+    resumed = scan(tiny_data, workdir=tmp_path / "cut", resume=True, data_memory="1K", **common)
+    assert len(epochs_run) == 1 and resumed["data_path"]["mode"] == "streamed"
+    assert (tmp_path / "cut" / "scan" / "scores.csv").read_bytes() == \
+        (tmp_path / "full" / "scan" / "scores.csv").read_bytes()

@@ -376,3 +376,25 @@ def test_bf16_precision_on_the_cpu_trains_and_evaluates(tiny_data, tmp_path):
     result = evaluate(tmp_path / "bf16" / "train" / "model.safetensors", val, device="cpu", cache_dir=tmp_path / "c",
                       precision="bf16", quiet=True)
     assert result["precision"] == "bf16" and 0 <= result["acc"] <= 1 and 0 <= result["ra"] <= 1
+
+
+def test_streamed_training_saves_the_resident_weights_bit_for_bit(tiny_data, tmp_path):
+    common = dict(cache_dir=tmp_path / "c", seed=5, val=tiny_data, **FAST)
+    resident = train(tiny_data, workdir=tmp_path / "r", **common)
+    streamed = train(tiny_data, workdir=tmp_path / "s", data_memory="8K", **common)
+    assert resident["data_path"]["mode"] == "resident" and streamed["data_path"]["mode"] == "streamed"
+    assert _same(_weights(tmp_path / "r"), _weights(tmp_path / "s"))
+    assert _history(tmp_path / "r")[1][-1][:6] == _history(tmp_path / "s")[1][-1][:6]  # losses, val_acc, val_ra
+    assert resident["settings"] == streamed["settings"]
+
+
+def test_an_interrupted_run_resumes_on_the_other_data_path(tiny_data, tmp_path, monkeypatch):
+    common = dict(cache_dir=tmp_path / "c", seed=1, **FAST)
+    train(tiny_data, workdir=tmp_path / "full", **common)
+    work = tmp_path / "cut"
+    with interrupted_after_first_epoch(monkeypatch):
+        train(tiny_data, workdir=work, data_memory="1K", **common)  # streamed, then resumed resident
+    epochs_run = count_epochs(monkeypatch)
+    train(tiny_data, workdir=work, resume=True, **common)
+    assert len(epochs_run) == 1
+    assert _same(_weights(work), _weights(tmp_path / "full"))

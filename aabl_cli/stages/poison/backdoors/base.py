@@ -12,6 +12,9 @@ import torch
 from aabl_cli.core.data import ImageDataset, load_image_folder
 from aabl_cli.core.errors import AablError
 from aabl_cli.core.images import MIN_SIDE
+from aabl_cli.core.loop import choose_path, place_on_device
+from aabl_cli.core.progress import log
+from aabl_cli.core.stream import Images
 
 Trigger = Callable[[torch.Tensor], torch.Tensor]  # float (N, 3, H, W) in [0, 1] -> the same, triggered
 NoiseTrigger = Callable[[torch.Tensor, torch.Generator], torch.Tensor]
@@ -43,6 +46,20 @@ class Context:
             raise AablError(f"{self.root}: the images are {w}x{h} px, but the networks this backdoor trains need at "
                             f"least {MIN_SIDE} px; enlarge the images, or use badnets, blend, trojan or wanet")
         return data
+
+    def placed(self, data: ImageDataset) -> tuple[Images, torch.Tensor]:
+        """`data` where a backdoor's network trains on it (`place_for_training`)."""
+        return place_for_training(data, self.device, quiet=self.quiet)
+
+
+def place_for_training(data: ImageDataset, device: torch.device, *, quiet: bool) -> tuple[Images, torch.Tensor]:
+    """`data` resident where a network trains on it, or streamed from the decode cache when it does not fit
+    the automatic memory budget (`core.memory`), which is then logged: poison.json records nothing that
+    depends on free memory, so that a seeded run repeats byte for byte."""
+    path = choose_path(data, device)
+    if path.streamed:
+        log(f"poison: streaming the images from the decode cache: {path.reason}", quiet=quiet)
+    return place_on_device(data, device, stream=path.streamed)
 
 
 @dataclass

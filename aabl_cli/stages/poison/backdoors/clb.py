@@ -21,9 +21,9 @@ from aabl_cli.core.attacks import pgd
 from aabl_cli.core.data import ImageDataset
 from aabl_cli.core.device import make_generator, prepare_model, seed_everything
 from aabl_cli.core.fuse import AttackView
-from aabl_cli.core.loop import fit, place_on_device, step_schedule
+from aabl_cli.core.loop import fit, host_images, step_schedule
 from aabl_cli.core.models import build_model, channel_stats
-from aabl_cli.stages.poison.backdoors.base import Built, Context
+from aabl_cli.stages.poison.backdoors.base import Built, Context, place_for_training
 from aabl_cli.stages.poison.backdoors.patches import corner_trigger
 
 DEFAULT_EPOCHS = 5
@@ -38,8 +38,8 @@ def train_victim(dataset: ImageDataset, *, arch: str, epochs: int, device: torch
                  quiet: bool = False) -> tuple[nn.Module, dict[str, Any]]:
     """Train the model PGD attacks, plainly, on the clean folder; returns it in eval mode and a report."""
     seed_everything(seed)
-    images, labels = place_on_device(dataset, device)
-    mean, std = channel_stats(dataset.images)
+    images, labels = place_for_training(dataset, device, quiet=quiet)
+    mean, std = channel_stats(host_images(dataset, stream=not isinstance(images, torch.Tensor)))
     model = prepare_model(build_model(arch, num_classes=len(dataset.classes), image_size=dataset.image_size,
                                       mean=mean, std=std), device)
     optimizer = torch.optim.Adam(model.parameters(), lr=LR)

@@ -30,10 +30,10 @@ from torch import nn
 from aabl_cli.core.checkpoint import load_trigger
 from aabl_cli.core.device import make_generator, prepare_model, seed_everything
 from aabl_cli.core.errors import AablError
-from aabl_cli.core.loop import place_on_device
 from aabl_cli.core.models import build_model, channel_stats
 from aabl_cli.core.pixels import batch_to_float
 from aabl_cli.core.progress import log, progress
+from aabl_cli.core.stream import Images
 from aabl_cli.stages.poison.backdoors.base import Built, Context
 
 DEFAULT_EPOCHS = 10
@@ -100,7 +100,7 @@ def _batches(n: int, generator: torch.Generator) -> list[tuple[torch.Tensor, tor
     return [(perm[s:s + BATCH], other[s:s + BATCH]) for s in range(0, n, BATCH) if len(perm[s:s + BATCH]) >= 3]
 
 
-def train_iab(images: torch.Tensor, labels: torch.Tensor, *, num_classes: int, target: int, arch: str,
+def train_iab(images: Images, labels: torch.Tensor, *, num_classes: int, target: int, arch: str,
               epochs: int, device: torch.device, seed: int, quiet: bool = False
               ) -> tuple[TriggerNet, TriggerNet, dict[str, Any]]:
     """Train M, then G with a classifier, on uint8 `images` (N, 3, H, W) and int64 `labels`.
@@ -168,7 +168,7 @@ def train_iab(images: torch.Tensor, labels: torch.Tensor, *, num_classes: int, t
 
 
 @torch.no_grad()
-def _measure(classifier: nn.Module, pattern_net: TriggerNet, mask_net: TriggerNet, images: torch.Tensor,
+def _measure(classifier: nn.Module, pattern_net: TriggerNet, mask_net: TriggerNet, images: Images,
              labels: torch.Tensor, *, target: int, device: torch.device) -> dict[str, float]:
     correct = hits = others = 0
     mask_sum = 0.0
@@ -221,7 +221,7 @@ def build(ctx: Context) -> Built:
         return Built(build_trigger(pattern_net, mask_net, ctx.device),
                      report={"loaded_from": str(Path(ctx.trigger_file).resolve()), "trained_with": settings})
     data = ctx.dataset(min_classes=2)
-    images, labels = place_on_device(data, ctx.device)
+    images, labels = ctx.placed(data)
     pattern_net, mask_net, report = train_iab(images, labels, num_classes=len(data.classes), target=ctx.target,
                                               arch=ctx.arch, epochs=ctx.epochs or DEFAULT_EPOCHS,
                                               device=ctx.device, seed=ctx.seed, quiet=ctx.quiet)

@@ -24,9 +24,9 @@ from torch import nn
 from aabl_cli.core.checkpoint import load_trigger
 from aabl_cli.core.device import make_generator, seed_everything
 from aabl_cli.core.errors import AablError
-from aabl_cli.core.loop import place_on_device
 from aabl_cli.core.pixels import batch_to_float
 from aabl_cli.core.progress import log, progress
+from aabl_cli.core.stream import Images
 from aabl_cli.stages.poison.backdoors.base import Built, Context
 
 DEFAULT_EPOCHS = 10
@@ -96,7 +96,7 @@ def encode(encoder: Encoder, x: torch.Tensor, code: torch.Tensor) -> torch.Tenso
     return as_stored((x + encoder(x, code)).clamp(0, 1))
 
 
-def train_ssba(images: torch.Tensor, *, epochs: int, device: torch.device, seed: int, quiet: bool = False
+def train_ssba(images: Images, *, epochs: int, device: torch.device, seed: int, quiet: bool = False
                ) -> tuple[Encoder, Decoder, dict[str, Any]]:
     """Train the encoder and decoder on uint8 `images` (N, 3, H, W); returns both in eval mode and a
     report: the settings and, over the training images with the fixed code, the decoder's bit
@@ -137,7 +137,7 @@ def train_ssba(images: torch.Tensor, *, epochs: int, device: torch.device, seed:
 
 
 @torch.no_grad()
-def _measure(encoder: Encoder, decoder: Decoder, images: torch.Tensor, *, device: torch.device) -> dict[str, float]:
+def _measure(encoder: Encoder, decoder: Decoder, images: Images, *, device: torch.device) -> dict[str, float]:
     """The fixed code hidden in every training image: the share of its bits the decoder reads back, and
     the mean and largest pixel change in 1/255 units."""
     code = fixed_code().to(device)
@@ -191,7 +191,7 @@ def build(ctx: Context) -> Built:
         return Built(build_trigger(encoder, ctx.device),
                      report={"loaded_from": str(Path(ctx.trigger_file).resolve()), "trained_with": settings})
     data = ctx.dataset(min_classes=1)
-    images, _ = place_on_device(data, ctx.device)
+    images, _ = ctx.placed(data)
     encoder, decoder, report = train_ssba(images, epochs=ctx.epochs or DEFAULT_EPOCHS, device=ctx.device,
                                           seed=ctx.seed, quiet=ctx.quiet)
     if report["code_bit_accuracy"] < 0.75:
