@@ -7,7 +7,7 @@ glibc's allocator is pinned for the measurement (one arena, a fixed mmap thresho
 threshold keeps freed activation buffers in the heap by chance, which moves the peak by about 10 MB from run
 to run whatever the data.
 
-slow (~30 s): two fresh interpreters that import torch and scan 32-px images with the small CNN.
+slow (~40 s): two fresh interpreters that import torch and scan 64-px images with the small CNN.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 from conftest import make_folder
 
-BUDGET = 256 * 1024
+BUDGET = 2 * 1024 * 1024  # far above the allocator's run-to-run noise once pinned (tens of KiB)
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MALLOC_ARENA_MAX": "1", "MALLOC_MMAP_THRESHOLD_": "131072"}
 SCAN = """
 import json, sys
@@ -52,12 +52,12 @@ def _scan(data: Path, tmp_path: Path, *, epochs: int) -> dict[str, int]:
 
 @pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads VmHWM from /proc")
 def test_a_streamed_scan_of_four_times_the_budget_stays_within_it(tmp_path: Path) -> None:
-    # 344 x 3 KiB: 4 x the budget in 43 steps; the read-ahead holds about 4 batches of 24 KiB
-    big = make_folder(tmp_path / "big", classes=2, per_class=172, size=32)
-    small = make_folder(tmp_path / "small", classes=2, per_class=8, size=32)  # 2 batches x 22 epochs: 44 steps
-    baseline, streamed = _scan(small, tmp_path, epochs=22), _scan(big, tmp_path, epochs=1)
+    # 688 x 12 KiB: 4 x the budget in 86 steps; the read-ahead holds about 4 batches of 96 KiB
+    big = make_folder(tmp_path / "big", classes=2, per_class=344, size=64)
+    small = make_folder(tmp_path / "small", classes=2, per_class=8, size=64)  # 2 batches x 43 epochs: 86 steps
+    baseline, streamed = _scan(small, tmp_path, epochs=43), _scan(big, tmp_path, epochs=1)
     assert streamed["decoded"] >= 4 * BUDGET
     grown = (streamed["peak"] - baseline["peak"]) * 1024
-    assert grown < BUDGET, f"peak RSS grew by {grown / 1024:.0f} KiB over the footprint; the budget is 256 KiB"
+    assert grown < BUDGET, f"peak RSS grew by {grown / 1024:.0f} KiB over the footprint; the budget is 2 MiB"
     # the measurement would catch a resident read: mapping the set whole adds about its size to the RSS
     assert streamed["mapped"] * 1024 > 0.8 * streamed["decoded"]
