@@ -815,7 +815,7 @@ CASES: list[Case] = [
     Case("full-disk-evaluate-out", evaluate_out, 1, NO_SPACE, patch=write_text_full),
     Case("evaluate-out-in-a-new-folder-accepted", evaluate_out_new_folder, 0, ('"acc":',), check=result_json),
     Case("full-disk-decode-cache-accepted", trained_scan, 0, ("could not write the decode cache",),
-         patch=full_disk("numpy.save"), check=no_cache_files),
+         patch=full_disk("aabl_cli.core.cache._pwrite_all"), check=no_cache_files),
 ]
 for _name in CHECKPOINTS:
     CASES += [checkpoint_case(_name, "scan"), checkpoint_case(_name, "evaluate")]
