@@ -50,6 +50,22 @@ def make_folder(root: Path, classes: int = 3, per_class: int = 12, size: int = 1
     return root
 
 
+def untrained_cnn(classes: int = 4) -> nn.Module:
+    """A seeded, untrained conv net on 8x8 images, in eval mode: what the attack tests attack."""
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 8 * 8, classes)).eval()
+
+
+@pytest.fixture
+def attack_batch() -> tuple[torch.Tensor, torch.Tensor]:
+    """16 seeded 8x8 images, four all black and four all white (the clamp to [0, 1] must bite), and 4-class labels."""
+    gen = torch.Generator().manual_seed(1)
+    x = torch.rand(16, 3, 8, 8, generator=gen)
+    x[:4] = 0.0
+    x[4:8] = 1.0
+    return x, torch.randint(0, 4, (16,), generator=gen)
+
+
 def tree_hash(path: Path) -> str:
     """sha256 over the relative paths and bytes of every file below `path`, following symlinks."""
     path = Path(path)

@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import untrained_cnn
 from torch import nn
 
 from aabl_cli.core.accuracy import predict
@@ -58,35 +59,23 @@ def test_target_count(classes: int, count: int) -> None:
     assert target_count(classes) == count
 
 
-def _untrained(classes: int = 4) -> nn.Module:
-    torch.manual_seed(0)
-    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 8 * 8, classes)).eval()
-
-
-@pytest.fixture
-def batch() -> tuple[torch.Tensor, torch.Tensor]:
-    gen = torch.Generator().manual_seed(1)
-    x = torch.rand(16, 3, 8, 8, generator=gen)
-    x[:4] = 0.0  # corners of the box: the clamp to [0, 1] must bite
-    x[4:8] = 1.0
-    return x, torch.randint(0, 4, (16,), generator=gen)
 
 
 @pytest.mark.parametrize("eps", [1 / 255, 8 / 255, 0.3])
 @pytest.mark.parametrize("targeted", [False, True])
-def test_apgd_stays_in_budget_and_box(batch, eps: float, targeted: bool) -> None:
-    x, y = batch
+def test_apgd_stays_in_budget_and_box(attack_batch, eps: float, targeted: bool) -> None:
+    x, y = attack_batch
     target = (y + 1) % 4 if targeted else None
-    x_adv = apgd(_untrained(), x, y, eps=eps, steps=12, target=target, generator=torch.Generator().manual_seed(0))
+    x_adv = apgd(untrained_cnn(), x, y, eps=eps, steps=12, target=target, generator=torch.Generator().manual_seed(0))
     assert x_adv.shape == x.shape and x_adv.dtype == torch.float32 and not x_adv.requires_grad
     assert (x_adv - x).abs().max().item() <= eps + 1e-6
     assert x_adv.min().item() >= 0.0 and x_adv.max().item() <= 1.0
     assert (x_adv - x).abs().max().item() > eps / 2  # it moved: a no-op would pass the bounds trivially
 
 
-def test_apgd_raises_the_loss_above_its_random_start(batch) -> None:
-    x, y = batch
-    model = _untrained()
+def test_apgd_raises_the_loss_above_its_random_start(attack_batch) -> None:
+    x, y = attack_batch
+    model = untrained_cnn()
     start = (x + torch.empty_like(x).uniform_(-8 / 255, 8 / 255, generator=torch.Generator().manual_seed(0)))
     x_adv = apgd(model, x, y, eps=8 / 255, steps=20, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
@@ -96,9 +85,9 @@ def test_apgd_raises_the_loss_above_its_random_start(batch) -> None:
     assert bool(((after > before + 1e-3) | fooled).all())
 
 
-def test_apgd_is_seeded(batch) -> None:
-    x, y = batch
-    model = _untrained()
+def test_apgd_is_seeded(attack_batch) -> None:
+    x, y = attack_batch
+    model = untrained_cnn()
     runs = [apgd(model, x, y, eps=8 / 255, steps=10, generator=torch.Generator().manual_seed(seed))
             for seed in (7, 7, 8)]
     assert torch.equal(runs[0], runs[1])

@@ -5,31 +5,16 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import nn
+from conftest import untrained_cnn
 
 from aabl_cli.core.attacks import ifgsm, pgd
 
 
-def _model(classes: int = 4) -> nn.Module:
-    torch.manual_seed(0)
-    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 8 * 8, classes)).eval()
-
-
-@pytest.fixture
-def batch() -> tuple[torch.Tensor, torch.Tensor]:
-    gen = torch.Generator().manual_seed(1)
-    x = torch.rand(16, 3, 8, 8, generator=gen)
-    x[:4] = 0.0  # corners of the box: the clamp to [0, 1] must bite
-    x[4:8] = 1.0
-    y = torch.randint(0, 4, (16,), generator=gen)
-    return x, y
-
-
 @pytest.mark.parametrize("eps", [1 / 255, 8 / 255, 0.3])
 @pytest.mark.parametrize("random_start", [False, True])
-def test_pgd_stays_in_budget_and_box(batch, eps, random_start):
-    x, y = batch
-    x_adv = pgd(_model(), x, y, eps=eps, step_size=eps / 2, steps=5, random_start=random_start,
+def test_pgd_stays_in_budget_and_box(attack_batch, eps, random_start):
+    x, y = attack_batch
+    x_adv = pgd(untrained_cnn(), x, y, eps=eps, step_size=eps / 2, steps=5, random_start=random_start,
                 generator=torch.Generator().manual_seed(0))
     assert x_adv.shape == x.shape and x_adv.dtype == torch.float32
     assert (x_adv - x).abs().max().item() <= eps + 1e-6
@@ -40,16 +25,16 @@ def test_pgd_stays_in_budget_and_box(batch, eps, random_start):
 
 
 @pytest.mark.parametrize("eps", [2 / 255, 0.1])
-def test_ifgsm_stays_in_budget_and_box(batch, eps):
-    x, y = batch
-    x_adv = ifgsm(_model(), x, y, eps=eps, step_size=2 / 255, steps=5)
+def test_ifgsm_stays_in_budget_and_box(attack_batch, eps):
+    x, y = attack_batch
+    x_adv = ifgsm(untrained_cnn(), x, y, eps=eps, step_size=2 / 255, steps=5)
     assert (x_adv - x).abs().max().item() <= eps + 1e-6
     assert 0.0 <= x_adv.min().item() and x_adv.max().item() <= 1.0
 
 
-def test_ifgsm_raises_cross_entropy(batch):
-    x, y = batch
-    model = _model()
+def test_ifgsm_raises_cross_entropy(attack_batch):
+    x, y = attack_batch
+    model = untrained_cnn()
     with torch.no_grad():
         before = F.cross_entropy(model(x), y, reduction="none")
     x_adv = ifgsm(model, x, y, eps=8 / 255, step_size=2 / 255, steps=5)
@@ -59,27 +44,27 @@ def test_ifgsm_raises_cross_entropy(batch):
     assert (after >= before - 1e-5).float().mean() >= 0.9
 
 
-def test_ifgsm_is_deterministic_without_random_start(batch):
-    x, y = batch
-    model = _model()
+def test_ifgsm_is_deterministic_without_random_start(attack_batch):
+    x, y = attack_batch
+    model = untrained_cnn()
     a = ifgsm(model, x, y, eps=4 / 255, step_size=1 / 255, steps=3)
     b = ifgsm(model, x, y, eps=4 / 255, step_size=1 / 255, steps=3)
     assert torch.equal(a, b)
 
 
 @pytest.mark.parametrize("attack", ["pgd", "ifgsm"])
-def test_eps_zero_returns_x(batch, attack):
-    x, y = batch
+def test_eps_zero_returns_x(attack_batch, attack):
+    x, y = attack_batch
     if attack == "pgd":
-        x_adv = pgd(_model(), x, y, eps=0.0, step_size=2 / 255, steps=5, random_start=True)
+        x_adv = pgd(untrained_cnn(), x, y, eps=0.0, step_size=2 / 255, steps=5, random_start=True)
     else:
-        x_adv = ifgsm(_model(), x, y, eps=0.0, step_size=2 / 255, steps=5)
+        x_adv = ifgsm(untrained_cnn(), x, y, eps=0.0, step_size=2 / 255, steps=5)
     assert torch.equal(x_adv, x)
 
 
-def test_random_start_reproducible_with_seeded_generator(batch):
-    x, y = batch
-    model = _model()
+def test_random_start_reproducible_with_seeded_generator(attack_batch):
+    x, y = attack_batch
+    model = untrained_cnn()
     kwargs = dict(eps=8 / 255, step_size=2 / 255, steps=1, random_start=True)
     a = pgd(model, x, y, **kwargs, generator=torch.Generator().manual_seed(7))
     b = pgd(model, x, y, **kwargs, generator=torch.Generator().manual_seed(7))
@@ -88,9 +73,9 @@ def test_random_start_reproducible_with_seeded_generator(batch):
     assert not torch.equal(a, c)
 
 
-def test_pgd_does_not_change_model_mode_or_weights(batch):
-    x, y = batch
-    model = _model().train()
+def test_pgd_does_not_change_model_mode_or_weights(attack_batch):
+    x, y = attack_batch
+    model = untrained_cnn().train()
     before = [p.detach().clone() for p in model.parameters()]
     pgd(model, x, y, eps=8 / 255, step_size=2 / 255, steps=2, random_start=False)
     assert model.training
