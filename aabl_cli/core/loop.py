@@ -126,9 +126,8 @@ def place_on_device(dataset: ImageDataset, device: torch.device, indices: torch.
     if not whole:
         labels = labels[indices]
     if stream:
-        home = device if device.type == "cuda" else torch.device("cpu")
-        streamed = StreamedImages(dataset, home, None if whole else indices)
-        return streamed, labels.to(home)
+        streamed = StreamedImages(dataset, device, None if whole else indices)
+        return streamed, labels.to(streamed.device)
     if not whole:  # a copy of the shard alone; the whole set stays shared (memory-mapped)
         images = images[indices]
     if device.type == "cuda":

@@ -29,13 +29,15 @@ PREFETCH = 2  # batches read ahead of the one computing
 
 class StreamedImages:
     """The rows `rows` (default: all) of `dataset`'s images, read from its cache file when indexed and
-    delivered on `device` (`images[idx]`: uint8 (len(idx), C, H, W)). `subset` narrows it without
+    delivered where a stage computing on `device` keeps its images: on the GPU with CUDA, else in host
+    memory (`images[idx]`: uint8 (len(idx), C, H, W)). `subset` narrows it without
     reading anything. A dataset held in memory (`dataset.rows` None) is indexed directly."""
 
     dtype = torch.uint8
 
     def __init__(self, dataset: ImageDataset, device: torch.device, rows: torch.Tensor | None = None) -> None:
-        self.dataset, self.device = dataset, device
+        self.dataset = dataset
+        self.device = device if device.type == "cuda" else torch.device("cpu")
         self.rows = None if rows is None else rows.cpu().numpy().astype(np.int64)
         n = len(dataset) if self.rows is None else len(self.rows)
         self.shape = torch.Size((n, *dataset.images.shape[1:]))

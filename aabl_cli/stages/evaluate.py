@@ -21,6 +21,7 @@ from aabl_cli.core.device import make_generator, prepare_model, resolve_device, 
 from aabl_cli.core.errors import AablError
 from aabl_cli.core.memory import choose_data_path
 from aabl_cli.core.stream import Images, StreamedImages, select
+from aabl_cli.core.text import in_255ths
 
 
 def _load_for_model(folder: str | Path, classes: list[str], image_size: list[int], *,
@@ -73,8 +74,7 @@ def _evaluate(model: str | Path, test: str | Path, *, poisoned: str | Path | Non
             poisoned, meta["classes"], meta["image_size"], cache_dir=cache_dir, quiet=quiet)
     sets = [s for s in (test_set, poisoned_set) if s is not None]
     path = choose_data_path(sum(len(s) * s.row_bytes for s in sets), data_memory=data_memory, device=dev)
-    home = dev if dev.type == "cuda" else torch.device("cpu")
-    images = StreamedImages(test_set, home) if path.streamed else test_set.images
+    images = StreamedImages(test_set, dev) if path.streamed else test_set.images
     result: dict[str, Any] = {
         "model": str(model), "test": str(test), "samples": int(images.shape[0]), "data_path": path.as_record(),
         "acc": _sharded_accuracy(net, images, labels, device=dev, batch_size=batch_size),
@@ -85,7 +85,7 @@ def _evaluate(model: str | Path, test: str | Path, *, poisoned: str | Path | Non
         result["attack"] = attack_record(threat, classes=len(meta["classes"]))
         result["threat"] = asdict(threat)
     if poisoned_set is not None and p_labels is not None:
-        p_images = StreamedImages(poisoned_set, home) if path.streamed else poisoned_set.images
+        p_images = StreamedImages(poisoned_set, dev) if path.streamed else poisoned_set.images
         result["poisoned"] = str(poisoned)
         result["asr"] = _sharded_accuracy(net, p_images, p_labels, device=dev, batch_size=batch_size)
         result.update(_target_rate(net, images, labels, p_labels, meta["classes"], device=dev,
@@ -135,8 +135,8 @@ def attack_name(record: dict[str, Any]) -> str:
 
 def _budget(value: float) -> str:
     """8/255 for a whole number of 255ths, else the decimal."""
-    units = value * 255
-    return f"{round(units)}/255" if abs(units - round(units)) < 1e-6 else f"{value:.4g}"
+    n255 = in_255ths(value)
+    return f"{value:.4g}" if n255 is None else f"{n255}/255"
 
 
 def check_triggered_set(folder: str | Path) -> None:

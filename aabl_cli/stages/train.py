@@ -248,6 +248,5 @@ def _load_val(val: str | Path | None, train_set: ImageDataset, *, val_size: int,
                         "pass a validation folder with the same class folders")
     idx = balanced_subset(val_set.labels, size=val_size, seed=seed)
     if stream:
-        home = device if device.type == "cuda" else torch.device("cpu")
-        return StreamedImages(val_set, home, idx), val_set.labels[idx]
+        return StreamedImages(val_set, device, idx), val_set.labels[idx]
     return val_set.images[idx], val_set.labels[idx]
