@@ -53,3 +53,9 @@ def json_text(data: Any, **kwargs: Any) -> str:
     """`json.dumps` with non-finite floats as null (see `finite_json`) and every non-ASCII or
     control character escaped (`\\u001b`), so JSON on a terminal is as safe as text."""
     return json.dumps(finite_json(data), allow_nan=False, ensure_ascii=True, **kwargs)
+
+
+def in_255ths(budget: float) -> int | None:
+    """`budget` (pixel units) as a whole number of 255ths, the x/255 the command line takes; None when it is not one."""
+    units = budget * 255
+    return round(units) if abs(units - round(units)) < 1e-6 else None

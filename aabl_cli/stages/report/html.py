@@ -13,6 +13,7 @@ import string
 from typing import TYPE_CHECKING, Any
 
 from aabl_cli import __version__
+from aabl_cli.core.text import in_255ths
 
 if TYPE_CHECKING:
     from aabl_cli.stages.report.inputs import Inputs
@@ -114,9 +115,9 @@ def _setting(key: str, value: Any) -> str:
     if isinstance(value, list):
         return esc(", ".join(str(v) for v in value))
     if key.endswith(("eps", "step_size")) and isinstance(value, float) and 0 < value <= 1:
-        n255 = value * 255  # budgets read best as the x/255 the command line takes
-        if abs(n255 - round(n255)) < 1e-6:
-            return f"{value:.4g} ({round(n255)}/255)"
+        n255 = in_255ths(value)  # budgets read best as the x/255 the command line takes
+        if n255 is not None:
+            return f"{value:.4g} ({n255}/255)"
     return _num(value)
 
 
