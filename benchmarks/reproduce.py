@@ -333,6 +333,12 @@ def _pct(value: float | None, digits: int = 1) -> str:
     return "-" if value is None else f"{100 * value:.{digits}f}"
 
 
+def _train_minutes(result: dict) -> str:
+    """A result's training time in whole minutes, "-" when it has none."""
+    seconds = result["seconds"].get("train")
+    return "-" if seconds is None else f"{seconds / 60:.0f}"
+
+
 def _paper(value: float | None) -> str:
     return "-" if value is None else f"{value:.2f}"
 
@@ -369,11 +375,10 @@ def render(scale: str) -> str:
         paper = {"aabl": PAPER_AABL, "advtrain": PAPER_ADVTRAIN}.get(r["mode"], {}).get(r["dataset"], {}).get(
             r["backdoor"])
         acc, asr, ra = paper or (None, None, None)
-        minutes = r["seconds"].get("train")
         lines.append(f"| {r['dataset']} | {r['backdoor']} | {METHODS[r['mode']]} | "
                      f"{_pct(r['acc'])} | {_pct(r['ra'])} | {_pct(r['asr'])} | {_pct(r.get('target_rate'))} | "
                      f"{_paper(acc)} | {_paper(ra)} | "
-                     f"{_paper(asr)} | {r['train_epochs']} | {'-' if minutes is None else f'{minutes / 60:.0f}'} |")
+                     f"{_paper(asr)} | {r['train_epochs']} | {_train_minutes(r)} |")
     if rows:
         first = rows[0]
         lines += ["", f"Settings: `{first['arch']}`, {first['scan_epochs']} naive epochs (Adam), then "
@@ -440,9 +445,8 @@ def recipes_side_by_side(rows: list[dict]) -> list[str]:
     for d, b in pairs:
         fast, pgd = by[(d, b, "aabl")], by[(d, b, "pgd")]
         for name, r in (("fast: " + _recipe(fast), fast), ("paper: PGD-10, step schedule", pgd)):
-            minutes = r["seconds"].get("train")
             lines.append(f"| {d} | {b} | {name} | {_pct(r['acc'])} | {_pct(r['ra'])} | {_pct(r.get('asr'))} | "
-                         f"{_pct(r.get('target_rate'))} | {'-' if minutes is None else f'{minutes / 60:.0f}'} |")
+                         f"{_pct(r.get('target_rate'))} | {_train_minutes(r)} |")
         t_fast, t_pgd = fast["seconds"].get("train"), pgd["seconds"].get("train")
         ratio = f"{t_fast / t_pgd:.2f}" if t_fast and t_pgd else "-"
         d_asr = "-" if fast.get("asr") is None or pgd.get("asr") is None else _pct(fast["asr"] - pgd["asr"])
