@@ -1,7 +1,7 @@
 """Reproduce the paper's Table 1 (splitting) and Table 3 (A-ABL, Adv. Train) on real data.
 
     python benchmarks/reproduce.py [--scale cpu|gpu] [--only cifar10/badnets,...] [--threads N]
-        [--data ../shared/data] [--work scratch/reproduce] [--device auto] [--table-only]
+        [--seeds 0,1,2] [--data ../shared/data] [--work scratch/reproduce] [--device auto] [--table-only]
 
 Each configuration (dataset, backdoor, and `aabl` = the three stages, `advtrain` = adversarial
 training on the whole poisoned set, no split, or `control` = the `aabl` configuration's kept set
@@ -18,6 +18,13 @@ piece by piece, in the background, across sessions; results/ is committed. The t
 benchmarks/RESULTS.md (between its `tables` markers) are rewritten from all result files.
 `--refresh` re-derives finished configurations' numbers from their work directories (after
 a change to the split or the evaluation), redoing only evaluations that lack a number.
+
+`--seeds 0,1,2` runs each configuration once a seed. A seed picks which images are poisoned and
+seeds the naive and the robust training; the train and test subsets of the real data stay the
+same for every seed (subset seed 0), so the spread is the method's, not the sampling's. Seed 0
+keeps the plain names (`<dataset>-<backdoor>-<mode>.json`, work directory `<dataset>/<backdoor>`),
+seed N adds `-seedN`; the main tables show seed 0 and a table of mean +- std gathers every
+configuration that ran under two seeds or more.
 """
 
 from __future__ import annotations
@@ -25,6 +32,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import statistics
 import subprocess
 import sys
 import time
@@ -43,6 +51,7 @@ from aabl_cli.stages.train import train, train_settings
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
 MARK_BEGIN, MARK_END = "<!-- tables: begin -->", "<!-- tables: end -->"
+SUBSET_SEED = 0  # the train and test subsets every seed shares
 
 # name -> settings, a dict where they differ per dataset; `train_images` is split evenly over
 # the classes (fewer where a class is small)
@@ -102,6 +111,7 @@ CONFIGS = [("cifar10", "badnets", "aabl"), ("cifar10", "none", "aabl"), ("cifar1
 # category B backdoors with the rows that test the method's second half (the control and plain adversarial
 # training beside A-ABL), and the paper's PGD-10 recipe beside the fast one; cheap and telling first.
 SCALE_CONFIGS = {"cpu": [("cifar10", "badnets", "aabl"), ("gtsrb", "blend", "aabl"), ("gtsrb", "blend", "control"),
+                         ("gtsrb", "wanet", "aabl"), ("gtsrb", "wanet", "control"), ("gtsrb", "wanet", "advtrain"),
                          ("cifar10", "ssba", "aabl"), ("cifar10", "ssba", "control"), ("gtsrb", "badnets", "aabl"),
                          ("cifar10", "none", "aabl"), ("gtsrb", "none", "aabl"), ("cifar10", "blend", "aabl"),
                          ("cifar10", "wanet", "aabl"), ("gtsrb", "blend", "advtrain"),
@@ -129,6 +139,16 @@ PAPER_ADVTRAIN = {
     "cifar10": {"none": (83.47, None, 45.32), "badnets": (83.72, 100.00, 46.28), "blend": (82.81, 3.37, 46.22)},
     "gtsrb": {"none": (89.27, None, 62.43), "badnets": (89.44, 100.00, 62.24), "blend": (89.17, 13.73, 62.45)},
 }
+
+
+def seeded(name: str, seed: object) -> str:
+    """`name` as seed `seed` stores it: seed 0 plain, seed N with `-seedN` (results and work directories)."""
+    return name if int(seed) == 0 else f"{name}-seed{int(seed)}"
+
+
+def result_name(dataset: str, backdoor: str, mode: str, seed: object) -> str:
+    """The result file of a configuration under `seed`."""
+    return seeded(f"{dataset}-{backdoor}-{mode}", seed) + ".json"
 
 
 def settings(scale: str, dataset: str) -> dict:
@@ -218,7 +238,7 @@ def prepare_data(dataset: str, args: argparse.Namespace, scale: dict) -> tuple[P
         if not folder.exists():
             tmp = base / f".{part}.tmp"
             subprocess.run([sys.executable, str(HERE / "subset.py"), raw / top / part, tmp, "--size", str(size or 0),
-                            "--seed", str(args.seed)], check=True, capture_output=True)
+                            "--seed", str(SUBSET_SEED)], check=True, capture_output=True)
             tmp.rename(folder)
         folders.append(folder)
     return folders[0], folders[1]
@@ -256,7 +276,7 @@ def run_config(dataset: str, backdoor: str, mode: str, args: argparse.Namespace,
     """Run one configuration; `on_split` gets the numbers known after the split (Table 1's)."""
     scale = settings(args.scale, dataset)
     train_data, test = prepare_data(dataset, args, scale)
-    base = args.work / args.scale / dataset / backdoor
+    base = args.work / args.scale / dataset / seeded(backdoor, args.seed)
     base.mkdir(parents=True, exist_ok=True)
     p_train, p_test = poison(backdoor, train_data, test, base, args)
     wd = Workdir(base / mode)
@@ -345,11 +365,12 @@ def _paper(value: float | None) -> str:
 
 def render(scale: str) -> str:
     """The Markdown tables of every finished configuration at `scale`."""
-    every = [load_result(p) for p in sorted((RESULTS / scale).glob("*.json"))]
+    stored = [load_result(p) for p in sorted((RESULTS / scale).glob("*.json"))]
     # shown by dataset, method, then category (clean, A, B) in the paper's order of backdoors
     backdoors = list(CATEGORY)
-    every.sort(key=lambda r: (list(ZIPS).index(r["dataset"]), list(METHODS).index(r["mode"]),
-                              backdoors.index(r["backdoor"])))
+    stored.sort(key=lambda r: (list(ZIPS).index(r["dataset"]), list(METHODS).index(r["mode"]),
+                               backdoors.index(r["backdoor"]), int(r.get("seed", 0))))
+    every = [r for r in stored if int(r.get("seed", 0)) == 0]  # the main tables: seed 0
     aabl_rows = [r for r in every if r["mode"] == "aabl"]  # split numbers exist before training ends
     rows = [r for r in every if r.get("finished")]
     lines = [f"### Scale `{scale}`: {len(rows)} of {len(configs_of(scale))} configurations finished", "",
@@ -387,6 +408,7 @@ def render(scale: str) -> str:
                   f"torch {first['torch']}."]
     lines += second_half(rows)
     lines += recipes_side_by_side(rows)
+    lines += spread([r for r in stored if r.get("finished")])
     done = {(r["dataset"], r["backdoor"], r["mode"]) for r in rows}
     missing = [f"{d}/{a}/{m}" for d, a, m in configs_of(scale) if (d, a, m) not in done]
     if missing:
@@ -455,6 +477,35 @@ def recipes_side_by_side(rows: list[dict]) -> list[str]:
     return lines
 
 
+def _mean_std(values: list[float | None]) -> str:
+    """Percentages as `mean ± std` (sample standard deviation), "-" when any is missing."""
+    if not values or any(v is None for v in values):
+        return "-"
+    return f"{100 * statistics.mean(values):.1f} ± {100 * statistics.stdev(values):.1f}"
+
+
+def spread(rows: list[dict]) -> list[str]:
+    """Mean ± std over seeds for each configuration that finished under two seeds or more."""
+    groups: dict[tuple[str, str, str], list[dict]] = {}
+    for r in rows:
+        groups.setdefault((r["dataset"], r["backdoor"], r["mode"]), []).append(r)
+    groups = {key: runs for key, runs in groups.items() if len({int(r["seed"]) for r in runs}) >= 2}
+    if not groups:
+        return []
+    lines = ["", "**Spread over seeds**: mean ± standard deviation (sample) over the seeds listed. A seed picks "
+             "the poisoned images and seeds the naive and the robust training; every seed trains on the same "
+             "subsets of the real data and is measured on the same test images.", "",
+             "| data | backdoor | method | seeds | gamma | rho_vul | recall | ACC | RA | ASR | target rate |",
+             "| --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for (d, b, m), runs in groups.items():
+        seeds = ",".join(str(int(r["seed"])) for r in runs)
+        split_cols = [_mean_std([r.get(k) for r in runs]) if m == "aabl" else "-"
+                      for k in ("kept_share", "rho_vul", "recall")]
+        model_cols = [_mean_std([r.get(k) for r in runs]) for k in ("acc", "ra", "asr", "target_rate")]
+        lines.append(f"| {d} | {b} | {METHODS[m]} | {seeds} | " + " | ".join(split_cols + model_cols) + " |")
+    return lines
+
+
 def _reading(naive: float | None, ours: float | None, control: float | None) -> str:
     """What a row of the second-half table shows, by the thresholds its caption states."""
     if naive is None or ours is None:
@@ -491,7 +542,9 @@ def main() -> None:
     parser.add_argument("--data", type=Path, default=HERE.parent.parent / "shared" / "data")
     parser.add_argument("--work", type=Path, default=HERE.parent / "scratch" / "reproduce")
     parser.add_argument("--device", default="auto")
-    parser.add_argument("--seed", default="0")
+    parser.add_argument("--seed", default="0", help="the seed of a single run (see --seeds)")
+    parser.add_argument("--seeds", default=None,
+                        help="comma-separated seeds: each configuration runs once a seed (default: --seed)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads per command (default: all)")
     parser.add_argument("--md", type=Path, default=HERE / "RESULTS.md")
     parser.add_argument("--results", type=Path, default=RESULTS, help="folder of the result files, one per scale")
@@ -501,6 +554,12 @@ def main() -> None:
                              "an evaluation or split change), redoing only evaluations that lack a number")
     args = parser.parse_args()
     RESULTS = args.results
+    try:
+        seeds = [str(int(seed)) for seed in (args.seeds or args.seed).split(",") if seed.strip()]
+    except ValueError:
+        parser.error(f"--seeds takes whole numbers separated by commas, not {args.seeds or args.seed!r}")
+    if not seeds or len(set(seeds)) != len(seeds) or any(int(seed) < 0 for seed in seeds):
+        parser.error(f"--seeds needs distinct seeds of 0 or more, not {args.seeds or args.seed!r}")
     configs = configs_of(args.scale)
     if args.only:
         wanted = [(tuple(item.split("/")) + ("aabl",))[:3] for item in args.only.split(",") if item]
@@ -511,17 +570,21 @@ def main() -> None:
         configs = [c for c in wanted if c in configs] + [c for c in wanted if c not in configs]
     out_dir = RESULTS / args.scale
     out_dir.mkdir(parents=True, exist_ok=True)
-    for dataset, backdoor, mode in [] if args.table_only else configs:
-        store = out_dir / f"{dataset}-{backdoor}-{mode}.json"
+    runs = [] if args.table_only else [(config, seed) for config in configs for seed in seeds]
+    for (dataset, backdoor, mode), seed in runs:
+        args.seed = seed  # run_config and the options it builds read the seed from args
+        store = out_dir / result_name(dataset, backdoor, mode, seed)
+        name = f"{dataset}/{backdoor}/{mode}" + (f" seed {seed}" if len(seeds) > 1 else "")
         stored = load_result(store) if store.exists() else {}
         if stored.get("finished") and is_current(stored, args.scale):
-            if args.refresh and Workdir(args.work / args.scale / dataset / backdoor / mode).train.json.exists():
+            work = args.work / args.scale / dataset / seeded(backdoor, seed) / mode
+            if args.refresh and Workdir(work).train.json.exists():
                 fresh = run_config(dataset, backdoor, mode, args)
                 store.write_text(json.dumps(refreshed(stored, fresh), indent=2) + "\n")
-                print(f"{dataset}/{backdoor}/{mode} refreshed", flush=True)
+                print(f"{name} refreshed", flush=True)
             continue
         again = " (ran with other settings: again)" if stored.get("finished") else ""
-        print(f"{dataset}/{backdoor}/{mode} ...{again}", flush=True)
+        print(f"{name} ...{again}", flush=True)
 
         def save(result: dict, store: Path = store) -> None:
             tmp = store.with_suffix(".tmp")

@@ -368,3 +368,69 @@ def test_the_cpu_scale_lists_its_own_configurations(reproduce):
     assert reproduce.configs_of("cpu-small") == reproduce.CONFIGS and len(reproduce.CONFIGS) == 13
     assert len(set(cpu)) == len(cpu)
     assert "cifar10/none/aabl" in reproduce.render("cpu").split("Not yet run")[1]
+
+
+def test_seeds_run_each_configuration_once_a_seed_and_the_spread_is_tabled(reproduce, tmp_path, monkeypatch):
+    """--seeds 0,1,2: one run a seed, seed 0 under the plain name and in the main tables, the others with
+    -seedN; the spread table gives mean ± sample std over the three."""
+    ran = []
+
+    def fake_run(dataset, attack, mode, args, on_split):
+        ran.append((dataset, attack, mode, args.seed))
+        return _result(dataset, attack, mode, seed=args.seed, acc=0.5 + 0.1 * int(args.seed), recall=0.9)
+
+    monkeypatch.setattr(reproduce, "run_config", fake_run)
+    md = tmp_path / "RESULTS.md"
+    monkeypatch.setattr(sys, "argv", ["reproduce.py", "--scale", "cpu-small", "--only", "cifar10/badnets",
+                                      "--seeds", "0,1,2", "--md", str(md), "--work", str(tmp_path / "work")])
+    reproduce.main()
+    assert ran == [("cifar10", "badnets", "aabl", s) for s in ("0", "1", "2")]
+    store = reproduce.RESULTS / "cpu-small"
+    assert sorted(p.name for p in store.glob("*.json")) == [
+        "cifar10-badnets-aabl-seed1.json", "cifar10-badnets-aabl-seed2.json", "cifar10-badnets-aabl.json"]
+    text = md.read_text()
+    assert "1 of" in text.split("configurations finished")[0]  # seed 0 is the main tables' row
+    assert text.count("| cifar10 | badnets | A-ABL | 50.0 |") == 1  # seed 0's row, not seeds 1 and 2's
+    assert "| A-ABL | 60.0 |" not in text and "| A-ABL | 70.0 |" not in text
+    # ACC 50, 60, 70: mean 60.0, sample std 10.0; every seed gave the same recall
+    assert "| cifar10 | badnets | A-ABL | 0,1,2 | 80.0 ± 0.0 | 1.2 ± 0.0 | 90.0 ± 0.0 | 60.0 ± 10.0 |" in text
+    ran.clear()
+    reproduce.main()  # every seed finished: nothing runs again
+    assert ran == []
+
+
+def test_a_single_seed_makes_no_spread_table(reproduce):
+    store = reproduce.RESULTS / "cpu-small"
+    store.mkdir(parents=True)
+    (store / "cifar10-badnets-aabl.json").write_text(json.dumps(_result("cifar10", "badnets", "aabl")))
+    assert "Spread over seeds" not in reproduce.render("cpu-small")
+
+
+@pytest.mark.parametrize("seeds", ["0,x", "1,1", "-1", ","])
+def test_bad_seeds_are_refused_before_anything_runs(reproduce, tmp_path, monkeypatch, capsys, seeds):
+    monkeypatch.setattr(reproduce, "run_config", lambda *a, **k: pytest.fail("ran"))
+    monkeypatch.setattr(sys, "argv", ["reproduce.py", "--seeds", seeds, "--md", str(tmp_path / "R.md"),
+                                      "--work", str(tmp_path / "work")])
+    with pytest.raises(SystemExit) as stop:
+        reproduce.main()
+    assert stop.value.code == 2
+    assert "--seeds" in capsys.readouterr().err
+
+
+def test_a_seed_poisons_and_trains_in_its_own_work_directory_on_the_shared_subsets(reproduce, tmp_path,
+                                                                                     monkeypatch):
+    seen = {}
+    monkeypatch.setattr(reproduce, "prepare_data", lambda dataset, args, scale: (tmp_path / "d", tmp_path / "d"))
+
+    def fake_poison(attack, train, test, base, args):
+        seen["base"] = base
+        raise SystemExit("stop here")
+
+    monkeypatch.setattr(reproduce, "poison", fake_poison)
+    for seed, folder in (("0", "badnets"), ("2", "badnets-seed2")):
+        args = argparse.Namespace(scale="cpu", work=tmp_path / "work", seed=seed, device="cpu", threads=1)
+        with pytest.raises(SystemExit, match="stop here"):
+            reproduce.run_config("cifar10", "badnets", "aabl", args)
+        assert seen["base"] == tmp_path / "work" / "cpu" / "cifar10" / folder
+    assert reproduce.train_options(reproduce.settings("cpu", "cifar10"), args)["seed"] == 2
+    assert reproduce.SUBSET_SEED == 0
