@@ -264,13 +264,24 @@ def poison(backdoor: str, train: Path, test: Path, base: Path,
 
 
 def evaluate(model: Path, test: Path, poisoned: Path | None, out: Path, args: argparse.Namespace, *,
-             robust: bool) -> dict:
+             robust: bool, attack: str = "pgd") -> dict:
     # an evaluation from before `target_rate` existed is redone (it costs seconds, a training hours)
     if not out.exists() or (poisoned and "target_rate" not in json.loads(out.read_text())):
         extra = ["--poisoned", poisoned] if poisoned else []
-        aabl("evaluate", model, test, *extra, *([] if robust else ["--eps", "0"]), "--device", args.device,
-             "--cache-dir", args.work / "cache", "--quiet", "--out", out, threads=args.threads)
+        aabl("evaluate", model, test, *extra, *([] if robust else ["--eps", "0"]), "--attack", attack,
+             "--device", args.device, "--cache-dir", args.work / "cache", "--quiet", "--out", out,
+             threads=args.threads)
     return json.loads(out.read_text())
+
+
+def strong_ra(model: Path, test: Path, wd: Path, args: argparse.Namespace) -> dict:
+    """RA of the final model under `--strong-attack` (its evaluation kept beside the PGD one), as the
+    result's keys; nothing without the option."""
+    attack = getattr(args, "strong_attack", None)
+    if not attack:
+        return {}
+    strong = evaluate(model, test, None, wd / f"final-eval-{attack}.json", args, robust=True, attack=attack)
+    return {"ra_strong": strong["ra"], "strong_attack": strong["attack"]}
 
 
 def run_config(dataset: str, backdoor: str, mode: str, args: argparse.Namespace, *,
@@ -325,6 +336,7 @@ def run_config(dataset: str, backdoor: str, mode: str, args: argparse.Namespace,
         seconds["train"] = wd.read("train")["seconds"]["total"]
     history = wd.train.history.read_text().splitlines()
     final = evaluate(wd.train.model, test, p_test, wd.root / "final-eval.json", args, robust=True)
+    result.update(strong_ra(wd.train.model, test, wd.root, args))
     result.update(acc=final["acc"], ra=final["ra"], asr=final.get("asr"), target_rate=final.get("target_rate"),
                   train_history=history, seconds=seconds, device=device_name(args.device), torch=_torch_version(),
                   threads=args.threads, date=datetime.date.today().isoformat(), finished=True)
@@ -411,6 +423,7 @@ def render(scale: str) -> str:
     lines += second_half(rows)
     lines += recipes_side_by_side(rows)
     lines += spread([r for r in stored if r.get("finished")])
+    lines += under_strong_attack(rows)
     done = {(r["dataset"], r["backdoor"], r["mode"]) for r in rows}
     missing = [f"{d}/{a}/{m}" for d, a, m in configs_of(scale) if (d, a, m) not in done]
     if missing:
@@ -476,6 +489,24 @@ def recipes_side_by_side(rows: list[dict]) -> list[str]:
         d_asr = "-" if fast.get("asr") is None or pgd.get("asr") is None else _pct(fast["asr"] - pgd["asr"])
         lines.append(f"| {d} | {b} | fast minus paper (time: ratio) | {_pct(fast['acc'] - pgd['acc'])} | "
                      f"{_pct(fast['ra'] - pgd['ra'])} | {d_asr} | | {ratio} |")
+    return lines
+
+
+def under_strong_attack(rows: list[dict]) -> list[str]:
+    """RA under the stronger attack beside RA under PGD-10, for every final model measured under both."""
+    measured = [r for r in rows if r.get("ra_strong") is not None]
+    if not measured:
+        return []
+    lines = ["", "**Robust accuracy under a stronger attack** (`reproduce.py --strong-attack`, `aabl evaluate "
+             "--attack`): the same final models and test images at the same budget. autoattack is APGD-CE then "
+             "APGD-T (targeted DLR, 9 targets), 100 iterations each, the white-box part of AutoAttack's standard "
+             "version; apgd is APGD-CE alone.", "",
+             "| data | backdoor | method | RA (PGD-10) | attack | RA (attack) | difference |",
+             "| --- | --- | --- | ---: | --- | ---: | ---: |"]
+    for r in measured:
+        name = r["strong_attack"]["name"] if isinstance(r.get("strong_attack"), dict) else r.get("strong_attack")
+        lines.append(f"| {r['dataset']} | {r['backdoor']} | {METHODS[r['mode']]} | {_pct(r['ra'])} | {name} | "
+                     f"{_pct(r['ra_strong'])} | {_pct(r['ra_strong'] - r['ra'])} |")
     return lines
 
 
@@ -551,6 +582,9 @@ def main() -> None:
     parser.add_argument("--md", type=Path, default=HERE / "RESULTS.md")
     parser.add_argument("--results", type=Path, default=RESULTS, help="folder of the result files, one per scale")
     parser.add_argument("--table-only", action="store_true", help="only rewrite the tables from the results")
+    parser.add_argument("--strong-attack", choices=["apgd", "autoattack"], default=None,
+                        help="also measure each final model's RA under this attack of aabl evaluate (with "
+                             "--refresh: the finished configurations' too)")
     parser.add_argument("--refresh", action="store_true",
                         help="re-derive finished configurations' numbers from their work directories (after "
                              "an evaluation or split change), redoing only evaluations that lack a number")

@@ -435,3 +435,31 @@ def test_a_seed_poisons_and_trains_in_its_own_work_directory_on_the_shared_subse
         assert seen["base"] == tmp_path / "work" / "cpu" / "cifar10" / folder
     assert reproduce.train_options(reproduce.settings("cpu", "cifar10"), args)["seed"] == 2
     assert reproduce.SUBSET_SEED == 0
+
+
+def test_the_strong_attack_is_measured_beside_pgd_and_tabled(reproduce, tmp_path, monkeypatch):
+    """--strong-attack autoattack: one more evaluation of the final model (no ASR set: RA only), kept beside
+    the PGD one and reused on a rerun; its RA goes in a table of its own next to PGD-10's."""
+    calls = []
+
+    def fake_aabl(*argv, threads=None):
+        calls.append([str(a) for a in argv])
+        out = Path(argv[argv.index("--out") + 1])
+        out.write_text(json.dumps({"acc": 0.6, "ra": 0.21, "attack": {"name": argv[argv.index("--attack") + 1]}}))
+        return ""
+
+    monkeypatch.setattr(reproduce, "aabl", fake_aabl)
+    args = argparse.Namespace(work=tmp_path / "work", device="cpu", threads=1, strong_attack=None)
+    assert reproduce.strong_ra(tmp_path / "model.safetensors", tmp_path / "test", tmp_path, args) == {}
+    args.strong_attack = "autoattack"
+    for _ in range(2):
+        found = reproduce.strong_ra(tmp_path / "model.safetensors", tmp_path / "test", tmp_path, args)
+    assert found == {"ra_strong": 0.21, "strong_attack": {"name": "autoattack"}}
+    assert len(calls) == 1 and "--poisoned" not in calls[0]  # the second call reads the kept evaluation
+    assert (tmp_path / "final-eval-autoattack.json").exists()
+    rows = [_result("cifar10", "badnets", "aabl", ra=0.25, ra_strong=0.21, strong_attack={"name": "autoattack"}),
+            _result("cifar10", "none", "aabl")]
+    text = "\n".join(reproduce.under_strong_attack(rows))
+    assert "| cifar10 | badnets | A-ABL | 25.0 | autoattack | 21.0 | -4.0 |" in text
+    assert "| cifar10 | none |" not in text  # not measured under it
+    assert reproduce.under_strong_attack(rows[1:]) == []
