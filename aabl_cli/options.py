@@ -224,8 +224,9 @@ def precision_option() -> Callable[[Callable[..., Any]], Callable[..., Any]]:
         help="Arithmetic of the forward passes. auto: bf16 autocast on CUDA, float32 elsewhere. bf16: bf16 "
              "autocast on the CPU too, with channels_last tensors: on CPUs with AMX (Intel Sapphire Rapids and "
              "later) several times faster for --arch cnn (2.7x and 4.4x measured on two such machines, plain "
-             "training at batch 128 on one thread), elsewhere it may be slower than float32; numbers differ "
-             "from float32 by bf16 rounding. fp32: float32 everywhere, also on CUDA, where it gives up the bf16 "
+             "training at batch 128 on one thread); on a CPU without bf16 instructions (no AMX or "
+             "AVX512-BF16, e.g. AVX2 only) it is emulated, 10-35x slower than float32 for --arch cnn, and aabl "
+             "warns. Numbers differ from float32 by bf16 rounding. fp32: float32 everywhere, also on CUDA, where it gives up the bf16 "
              "speed-up. Attack perturbations stay float32 in every mode.")
 
 

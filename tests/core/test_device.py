@@ -22,6 +22,7 @@ def test_auto_is_float32_on_the_cpu_and_bf16_on_cuda():
         assert not uses_bf16(torch.device("cuda")) and channels_last(torch.device("cuda"))
 
 
+@pytest.mark.filterwarnings("ignore:--precision bf16 on this CPU")  # where the CPU has no bf16 instructions
 def test_bf16_on_the_cpu_autocasts_and_uses_channels_last():
     model = build_model("cnn", num_classes=3, image_size=(16, 16))
     x = torch.rand(2, 3, 16, 16)
@@ -43,3 +44,32 @@ def test_precision_names_are_checked():
         pass
     with use_precision("bf16"), pytest.raises(AablError, match="MPS|mps"):
         uses_bf16(torch.device("mps"))
+
+
+def test_native_bf16_is_read_from_the_cpus_flags(tmp_path):
+    from aabl_cli.core.device import cpu_has_native_bf16
+
+    avx2 = tmp_path / "avx2"
+    avx2.write_text("processor\t: 0\nflags\t\t: fpu sse2 avx avx2 fma\n\nprocessor\t: 1\nflags\t\t: fpu avx2\n")
+    amx = tmp_path / "amx"
+    amx.write_text("processor\t: 0\nflags\t\t: avx2 avx512f avx512_bf16 amx_tile amx_bf16\n")
+    arm = tmp_path / "arm"
+    arm.write_text("processor\t: 0\nFeatures\t: fp asimd bf16 i8mm\n")
+    assert cpu_has_native_bf16(str(avx2)) is False
+    assert cpu_has_native_bf16(str(amx)) is True and cpu_has_native_bf16(str(arm)) is True
+    assert cpu_has_native_bf16(str(tmp_path / "missing")) is None  # the system does not say: no warning
+
+
+@pytest.mark.parametrize(("native", "precision", "warns"), [(False, "bf16", True), (True, "bf16", False),
+                                                            (None, "bf16", False), (False, "fp32", False),
+                                                            (False, "auto", False)])
+def test_bf16_on_a_cpu_without_bf16_instructions_warns(monkeypatch, recwarn, native, precision, warns):
+    import aabl_cli.core.device as device
+
+    monkeypatch.setattr(device, "cpu_has_native_bf16", lambda: native)
+    with use_precision(precision):
+        prepare_model(build_model("cnn", num_classes=3, image_size=(16, 16)), CPU)
+    found = [str(w.message) for w in recwarn if "emulated" in str(w.message)]
+    assert len(found) == (1 if warns else 0)
+    if warns:
+        assert "use --precision auto or fp32" in found[0]
