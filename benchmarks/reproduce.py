@@ -60,13 +60,11 @@ SCALES: dict[str, dict] = {
     # GTSRB), bf16 on CPUs with AMX (2.7x), and the fast recipe: FGSM with a random start and a
     # one-cycle learning rate (Wong et al. 2020) with weight averaging. RESULTS.md says what it reaches.
     # CIFAR-10 trains 30 epochs: on BadNets' kept set 15 gave ACC 49.8 %, RA 30.5 %; 30 gave 61.6 %, 31.3 %.
-    # GTSRB trains 60: at 30 its configurations took 10-15 of their 45 minutes and the clean kept set's model
-    # was still underfit (adversarial training accuracy 65 %, ACC 65.9 %, RA 31.2 %).
     # 8 naive epochs, not the paper's 20: on 20,000 CIFAR-10 images a 20-epoch naive model makes many clean
     # images as robust as the poison (BadNets recall 71.5 %, rho_vul 3.96 %; 8 epochs: 90.2 %, 1.38 %).
     "cpu": {"arch": "cnn", "train_images": {"cifar10": 20000, "gtsrb": None},
             "test_images": {"cifar10": 1000, "gtsrb": 1075}, "scan_epochs": 8, "precision": "bf16",
-            "train_epochs": {"cifar10": 30, "gtsrb": 60}, "adv_method": "fgsm-rs", "schedule": "onecycle",
+            "train_epochs": {"cifar10": 30, "gtsrb": 30}, "adv_method": "fgsm-rs", "schedule": "onecycle",
             "ema": 0.995, "train_batch": 128, "train_lr": 0.2},
     # The earlier CPU scale: 4,000 images (4,300 of GTSRB), PGD-5 with the step schedule, float32.
     # Adversarial training barely left chance there (34-41 % ACC on CIFAR-10); its rows stay for comparison.
