@@ -40,9 +40,11 @@ import zipfile
 from collections.abc import Callable
 from pathlib import Path
 
+import torch
 from cli_runner import aabl, device_name
 
 from aabl_cli.core.data import list_image_folder, peek_image_folder
+from aabl_cli.core.device import cpu_has_native_bf16
 from aabl_cli.core.settings import same, settings_for, stale_reason
 from aabl_cli.core.workdir import Workdir, read_summary
 from aabl_cli.stages.scan import scan, scan_settings
@@ -156,10 +158,21 @@ def settings(scale: str, dataset: str) -> dict:
     return {k: v[dataset] if isinstance(v, dict) else v for k, v in SCALES[scale].items()}
 
 
-# A result records the images it actually trained on under `train_images`, not the scale's request.
-MEASURED = ("train_images",)
+# A result records the images it actually trained on under `train_images`, not the scale's request, and the
+# arithmetic it ran in under `precision` (`machine_precision`): bf16 and float32 differ by rounding only.
+MEASURED = ("train_images", "precision")
 # Keys results of earlier versions wrote, and their names now.
 RENAMED = {"attack": "backdoor", "gamma": "kept_share"}
+
+
+def machine_precision(scale: dict, device: str) -> dict:
+    """`scale` as this machine runs it: a CPU without bf16 instructions would emulate bf16 many times slower
+    than float32 (`aabl_cli.core.device.warn_if_emulated_bf16`), so there the scale runs in fp32."""
+    if scale.get("precision") != "bf16" or (device != "cpu" and torch.cuda.is_available()):
+        return scale
+    if cpu_has_native_bf16() is not False:
+        return scale
+    return {**scale, "precision": "fp32"}
 
 
 def is_current(result: dict, scale: str) -> bool:
@@ -285,7 +298,7 @@ def strong_ra(model: Path, test: Path, wd: Path, args: argparse.Namespace) -> di
 def run_config(dataset: str, backdoor: str, mode: str, args: argparse.Namespace, *,
                on_split: Callable[[dict], None] = lambda result: None) -> dict:
     """Run one configuration; `on_split` gets the numbers known after the split (Table 1's)."""
-    scale = settings(args.scale, dataset)
+    scale = machine_precision(settings(args.scale, dataset), args.device)
     train_data, test = prepare_data(dataset, args, scale)
     base = args.work / args.scale / dataset / seeded(backdoor, args.seed)
     base.mkdir(parents=True, exist_ok=True)
@@ -418,6 +431,11 @@ def render(scale: str) -> str:
                   f"{_recipe(first)} for the epochs shown (SGD, batch {first['train_batch']}, "
                   f"lr {first.get('train_lr', '?')}), seed {first['seed']}; device {first['device']}, "
                   f"torch {first['torch']}."]
+    in_fp32 = [f"{r['dataset']}/{r['backdoor']}/{r['mode']}" for r in rows
+               if r.get("precision") == "fp32" and SCALES[scale].get("precision") == "bf16"]
+    if in_fp32:
+        lines += ["", "Ran in float32, on a CPU without bf16 instructions (where bf16 would be emulated many times "
+                  f"slower; the numbers differ from bf16's by rounding only): {', '.join(in_fp32)}."]
     lines += second_half(rows)
     lines += recipes_side_by_side(rows)
     lines += spread([r for r in stored if r.get("finished")])

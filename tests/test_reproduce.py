@@ -462,3 +462,21 @@ def test_the_strong_attack_is_measured_beside_pgd_and_tabled(reproduce, tmp_path
     assert "| cifar10 | badnets | A-ABL | 25.0 | autoattack | 21.0 | -4.0 |" in text
     assert "| cifar10 | none |" not in text  # not measured under it
     assert reproduce.under_strong_attack(rows[1:]) == []
+
+
+def test_a_cpu_without_bf16_instructions_runs_the_scale_in_fp32_and_says_so(reproduce, monkeypatch):
+    cifar = reproduce.settings("cpu", "cifar10")
+    monkeypatch.setattr(reproduce.torch.cuda, "is_available", lambda: False)
+    for native, expected in ((False, "fp32"), (True, "bf16"), (None, "bf16")):
+        monkeypatch.setattr(reproduce, "cpu_has_native_bf16", lambda native=native: native)
+        assert reproduce.machine_precision(cifar, "auto")["precision"] == expected
+    assert reproduce.machine_precision(reproduce.settings("cpu-small", "cifar10"), "cpu") == \
+        reproduce.settings("cpu-small", "cifar10")  # a float32 scale stays as it is
+    store = reproduce.RESULTS / "cpu"
+    store.mkdir(parents=True)
+    row = _result("cifar10", "badnets", "aabl", **{**cifar, "train_images": 20000, "precision": "fp32"})
+    assert reproduce.is_current(row, "cpu")  # the same recipe: only the arithmetic differs
+    (store / "cifar10-badnets-aabl.json").write_text(json.dumps(row))
+    text = reproduce.render("cpu")
+    assert "Ran in float32, on a CPU without bf16 instructions" in text and "cifar10/badnets/aabl." in text
+    assert "no longer gives" not in text
