@@ -226,8 +226,8 @@ def precision_option() -> Callable[[Callable[..., Any]], Callable[..., Any]]:
              "later) several times faster for --arch cnn (2.7x and 4.4x measured on two such machines, plain "
              "training at batch 128 on one thread); on a CPU without bf16 instructions (no AMX or "
              "AVX512-BF16, e.g. AVX2 only) it is emulated, 10-35x slower than float32 for --arch cnn, and aabl "
-             "warns. Numbers differ from float32 by bf16 rounding. fp32: float32 everywhere, also on CUDA, where it gives up the bf16 "
-             "speed-up. Attack perturbations stay float32 in every mode.")
+             "warns. Numbers differ from float32 by bf16 rounding. fp32: float32 everywhere, also on CUDA, "
+             "where it gives up the bf16 speed-up. Attack perturbations stay float32 in every mode.")
 
 
 def data_memory_option() -> Callable[[Callable[..., Any]], Callable[..., Any]]:
