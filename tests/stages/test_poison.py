@@ -17,7 +17,8 @@ from PIL import Image
 
 from aabl_cli.cli import cli
 from aabl_cli.core.errors import AablError
-from aabl_cli.stages.poison import BACKDOORS, badnets_trigger, blend_trigger, poison_folder
+from aabl_cli.stages.poison import BACKDOORS, Backdoor, badnets_trigger, blend_trigger, poison_folder
+from aabl_cli.stages.poison.backdoors.base import Built
 
 CLASSES = ("airplane", "bird", "cat")
 
@@ -115,6 +116,32 @@ def test_badnets_changes_exactly_the_patch(src: Path, tmp_path: Path) -> None:
         mask = np.ones(before.shape[:2], dtype=bool)
         mask[-3:, -3:] = False
         assert np.array_equal(after[mask], before[mask])
+
+
+def test_a_backdoor_of_the_callers_own_writes_the_same_ground_truth(src: Path, tmp_path: Path) -> None:
+    """A `Backdoor` outside the registry (a trigger `--backdoor` does not offer) poisons like a listed one:
+    its trigger on the chosen images, its name in poison.csv and poison.json."""
+    def grey_corner(x: torch.Tensor) -> torch.Tensor:
+        out = x.clone()
+        out[..., :2, :2] = 0.5
+        return out
+
+    own = Backdoor("grey-corner", "2x2 grey patch, top-left", lambda ctx: Built(grey_corner), {"patch": 2})
+    out = tmp_path / "out"
+    summary = poison_folder(src, backdoor=own, out=out, rate=0.25, target="bird", seed=3, quiet=True)
+    listed = poison_folder(src, backdoor="badnets", out=tmp_path / "listed", rate=0.25, target="bird", seed=3,
+                           quiet=True)
+    rows = read_rows(out)
+    assert {r["backdoor"] for r in rows} == {"grey-corner"} and {r["target"] for r in rows} == {"1"}
+    # the same images drawn as for a listed backdoor with the seed
+    assert [r["path"] for r in rows] == [r["path"] for r in read_rows(tmp_path / "listed")]
+    assert summary["backdoor"] == "grey-corner" and summary["backdoor_params"] == {"patch": 2}
+    assert summary["counts"]["poisoned"] == listed["counts"]["poisoned"] == 8  # round(0.25 * 32)
+    assert json.loads((out / "poison.json").read_text())["backdoor"] == "grey-corner"
+    for path, source in poison_sources(src, out, "bird").items():
+        before, after = pixels(source), pixels(out / path)
+        assert (np.abs(after[:2, :2] - 128) <= 1).all()
+        assert np.array_equal(after[2:], before[2:]) and np.array_equal(after[:2, 2:], before[:2, 2:])
 
 
 @pytest.mark.parametrize(("size", "patch"), [(32, 3), (16, 2), (48, 5), (64, 6), (8, 1)])

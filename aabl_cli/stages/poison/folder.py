@@ -102,7 +102,7 @@ def select_noise(n: int, poisoned: Sequence[int], *, count: int, seed: int) -> l
 def poison_folder(
     data: str | os.PathLike[str],
     *,
-    backdoor: str,
+    backdoor: str | Backdoor,
     out: str | os.PathLike[str],
     rate: float | None = None,
     target: int | str = 0,
@@ -118,6 +118,10 @@ def poison_folder(
     quiet: bool = False,
 ) -> dict[str, Any]:
     """Write a poisoned copy of the image folder `data` to `out`, with ground truth; returns the summary.
+
+    `backdoor` is a `BACKDOORS` name (the `--backdoor` choices) or a `Backdoor` of the
+    caller's own, for a trigger the registry does not hold (poison.csv and poison.json name it
+    by its `name`).
 
     Train mode, dirty label: round(rate * N) images (N = the whole set; rate default 0.1)
     drawn with `seed` from the non-target classes carry the trigger and move to the target
@@ -136,9 +140,13 @@ def poison_folder(
     triggered examples. `data` is never modified; `out` appears whole or not at all. The
     same seed gives the same bytes (on the CPU, with the same thread count).
     """
-    if backdoor not in BACKDOORS:
+    if isinstance(backdoor, Backdoor):
+        spec = backdoor
+    elif backdoor in BACKDOORS:
+        spec = BACKDOORS[backdoor]
+    else:
         raise AablError(f"unknown backdoor {backdoor!r}; choose one of {', '.join(BACKDOORS)}")
-    spec = BACKDOORS[backdoor]
+    backdoor = spec.name
     started = time.perf_counter()
     rate = spec.default_rate if rate is None else rate
     listing = list_image_folder(data)
