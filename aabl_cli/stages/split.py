@@ -31,7 +31,7 @@ from aabl_cli.core.fsutil import (
     write_image_folder,
     write_json,
 )
-from aabl_cli.core.groundtruth import read_ground_truth
+from aabl_cli.core.groundtruth import isolation_metrics, read_ground_truth
 from aabl_cli.core.lock import workdir_lock
 from aabl_cli.core.text import printable
 from aabl_cli.core.threshold import METHODS, choose_isolated
@@ -278,14 +278,7 @@ def split(scores: str | Path | None = None, *, workdir: str | Path = "aabl-out",
         }
         truth = read_ground_truth(root, paths)
         if truth is not None:
-            poisoned = truth.astype(bool)
-            summary["ground_truth"] = {
-                "poisoned": int(poisoned.sum()),
-                "rho": float(poisoned.mean()),
-                "rho_vul": float(poisoned[kept].mean()) if kept.any() else 0.0,
-                "precision": float(poisoned[isolated].mean()) if isolated.any() else 0.0,
-                "recall": float(isolated[poisoned].mean()) if poisoned.any() else float("nan"),
-            }
+            summary["ground_truth"] = isolation_metrics(truth.astype(bool), isolated)
         with atomic_output_dir(wd.split.path) as tmp:
             out = wd.split.at(tmp)
             for tree in (out.kept, out.isolated):
