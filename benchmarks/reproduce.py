@@ -111,9 +111,10 @@ CONFIGS = [("cifar10", "badnets", "aabl"), ("cifar10", "none", "aabl"), ("cifar1
            ("cifar10", "ssba", "aabl")]
 # The cpu scale's: the sets robust training is measured on (clean and BadNets on both datasets), the
 # category B backdoors with the rows that test the method's second half (the control and plain adversarial
-# training beside A-ABL), and the paper's PGD-10 recipe beside the fast one; cheap and telling first.
+# training beside A-ABL), and the paper's PGD-10 recipe beside the fast one; cheap and telling first. GTSRB
+# WaNet has no second-half rows: its naive model did not learn the warp (ASR 31.2 %, target rate 7.4 %).
 SCALE_CONFIGS = {"cpu": [("cifar10", "badnets", "aabl"), ("gtsrb", "blend", "aabl"), ("gtsrb", "blend", "control"),
-                         ("gtsrb", "wanet", "aabl"), ("gtsrb", "wanet", "control"), ("gtsrb", "wanet", "advtrain"),
+                         ("gtsrb", "wanet", "aabl"),
                          ("cifar10", "ssba", "aabl"), ("cifar10", "ssba", "control"), ("gtsrb", "badnets", "aabl"),
                          ("cifar10", "none", "aabl"), ("gtsrb", "none", "aabl"), ("cifar10", "blend", "aabl"),
                          ("cifar10", "wanet", "aabl"), ("gtsrb", "blend", "advtrain"),
