@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import shutil
 import statistics
 import subprocess
 import sys
@@ -238,13 +239,24 @@ def set_aside_stale_training(wd: Path, data: Path, options: dict) -> None:
         (wd / "final-eval.json").rename(wd / f"final-eval-{epochs}ep.json")
 
 
+def unzip_once(archive: Path, raw: Path, top: str) -> Path:
+    """`raw/top`, the folder `top` of the zip `archive`, extracted once. It is extracted into a temporary
+    sibling and renamed when whole, so an interrupted extraction is never taken for the data."""
+    if not (raw / top).exists():
+        tmp = raw / f".{top}.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        with zipfile.ZipFile(archive) as opened:
+            opened.extractall(tmp)
+        (tmp / top).rename(raw / top)
+        shutil.rmtree(tmp)
+    return raw / top
+
+
 def prepare_data(dataset: str, args: argparse.Namespace, scale: dict) -> tuple[Path, Path]:
     """Seeded, class-balanced train and test subsets of the real data, made once."""
     zip_name, top = ZIPS[dataset]
+    unzip_once(args.data / zip_name, args.work / "raw", top)
     raw = args.work / "raw"
-    if not (raw / top).exists():
-        with zipfile.ZipFile(args.data / zip_name) as archive:
-            archive.extractall(raw)
     base = args.work / args.scale / dataset
     folders = []
     for part, size in (("train", scale["train_images"]), ("test", scale["test_images"])):

@@ -34,13 +34,12 @@ import shutil
 import subprocess
 import sys
 import time
-import zipfile
 from pathlib import Path
 
 import numpy as np
 import torch
 from cli_runner import aabl, device_name
-from reproduce import MARK_BEGIN, MARK_END, ZIPS, flags, machine_precision, scan_options, stale
+from reproduce import MARK_BEGIN, MARK_END, ZIPS, flags, machine_precision, scan_options, stale, unzip_once
 from verdict_cases import (
     CASES,
     CATEGORY,
@@ -83,13 +82,7 @@ def prepare_subset(dataset: str, seed: int, scale: dict, args: argparse.Namespac
     all of them, which no seed changes."""
     zip_name, top = ZIPS[dataset]
     raw = args.work / "raw"
-    if not (raw / top).exists():
-        tmp = raw / f".{top}.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        with zipfile.ZipFile(args.data / zip_name) as archive:
-            archive.extractall(tmp)
-        (tmp / top).rename(raw / top)
-        tmp.rmdir()
+    unzip_once(args.data / zip_name, raw, top)
     size = scale["train_images"]
     folder = dataset_dir(dataset, scale, args) / (f"train-seed{seed}" if size else "train")
     if not folder.exists():

@@ -480,3 +480,26 @@ def test_a_cpu_without_bf16_instructions_runs_the_scale_in_fp32_and_says_so(repr
     text = reproduce.render("cpu")
     assert "Ran in float32, on a CPU without bf16 instructions" in text and "cifar10/badnets/aabl." in text
     assert "no longer gives" not in text
+
+
+def test_the_data_is_unzipped_whole_or_not_at_all(reproduce, tmp_path, monkeypatch):
+    import zipfile
+
+    archive = tmp_path / "set.zip"
+    with zipfile.ZipFile(archive, "w") as z:
+        z.writestr("top/train/a/0.png", b"x")
+        z.writestr("top/test/a/0.png", b"y")
+    raw = tmp_path / "raw"
+
+    def interrupted(self, path):
+        (Path(path) / "top" / "train").mkdir(parents=True)
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:
+        m.setattr(zipfile.ZipFile, "extractall", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            reproduce.unzip_once(archive, raw, "top")
+    assert not (raw / "top").exists()  # the half-extracted folder is not where the data goes
+    assert reproduce.unzip_once(archive, raw, "top") == raw / "top"
+    assert (raw / "top" / "test" / "a" / "0.png").read_bytes() == b"y"
+    assert sorted(p.name for p in raw.iterdir()) == ["top"]  # the leftover is gone
