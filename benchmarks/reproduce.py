@@ -115,7 +115,8 @@ CONFIGS = [("cifar10", "badnets", "aabl"), ("cifar10", "none", "aabl"), ("cifar1
 # training beside A-ABL), and the paper's PGD-10 recipe beside the fast one; cheap and telling first. GTSRB
 # WaNet has no second-half rows: its naive model did not learn the warp (ASR 31.2 %, target rate 7.4 %).
 SCALE_CONFIGS = {"cpu": [("cifar10", "badnets", "aabl"), ("gtsrb", "blend", "aabl"), ("gtsrb", "blend", "control"),
-                         ("gtsrb", "wanet", "aabl"),
+                         ("gtsrb", "wanet", "aabl"), ("gtsrb", "ssba", "aabl"), ("gtsrb", "ssba", "control"),
+                         ("gtsrb", "ssba", "advtrain"),
                          ("cifar10", "ssba", "aabl"), ("cifar10", "ssba", "control"), ("gtsrb", "badnets", "aabl"),
                          ("cifar10", "none", "aabl"), ("gtsrb", "none", "aabl"), ("cifar10", "blend", "aabl"),
                          ("cifar10", "wanet", "aabl"), ("gtsrb", "blend", "advtrain"),
