@@ -41,7 +41,7 @@ from typing import Any
 import torch
 from cli_runner import device_name
 from peer_defences import PACKAGES, PEERS, Case, versions
-from reproduce import MARK_BEGIN, MARK_END
+from reproduce import MARK_BEGIN, MARK_END, replace_tables  # noqa: F401  (the markers: its pages, for its callers)
 
 from aabl_cli.core.device import resolve_device
 from aabl_cli.core.errors import AablError
@@ -162,10 +162,7 @@ def render(results: list[dict[str, Any]]) -> str:
 def write_markdown(md: Path, results: Path) -> None:
     """Rewrite the tables between MD's markers from every result file under `results`."""
     stored = [json.loads(p.read_text()) for p in sorted(results.glob("*.json"))]
-    text = md.read_text() if md.exists() else f"# aabl's split beside its peers\n\n{MARK_BEGIN}\n{MARK_END}\n"
-    head, _, rest = text.partition(MARK_BEGIN)
-    _, _, tail = rest.partition(MARK_END)
-    md.write_text(f"{head}{MARK_BEGIN}\n{render(stored)}{MARK_END}{tail}")
+    replace_tables(md, render(stored), "aabl's split beside its peers")
 
 
 # ---------------------------------------------------------------- the command

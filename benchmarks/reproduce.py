@@ -448,8 +448,7 @@ def render(scale: str) -> str:
     in_fp32 = [f"{r['dataset']}/{r['backdoor']}/{r['mode']}" for r in rows
                if r.get("precision") == "fp32" and SCALES[scale].get("precision") == "bf16"]
     if in_fp32:
-        lines += ["", "Ran in float32, on a CPU without bf16 instructions (where bf16 would be emulated many times "
-                  f"slower; the numbers differ from bf16's by rounding only): {', '.join(in_fp32)}."]
+        lines += float32_note("Ran", ", ".join(in_fp32))
     lines += second_half(rows)
     lines += recipes_side_by_side(rows)
     lines += spread([r for r in stored if r.get("finished")])
@@ -589,12 +588,24 @@ def refreshed(stored: dict, fresh: dict) -> dict:
     return {**stored, **{k: v for k, v in fresh.items() if k not in keep}}
 
 
-def write_markdown(path: Path, scales: list[str]) -> None:
-    tables = "\n".join(render(s) for s in scales if (RESULTS / s).exists())
-    text = path.read_text() if path.exists() else f"# Reproducing the paper's tables\n\n{MARK_BEGIN}\n{MARK_END}\n"
+def replace_tables(path: Path, tables: str, title: str) -> None:
+    """Put `tables` between the `tables` markers of the Markdown file `path`, keeping the text around them;
+    a missing file is made with `title` as its heading (every benchmark page is written this way)."""
+    text = path.read_text() if path.exists() else f"# {title}\n\n{MARK_BEGIN}\n{MARK_END}\n"
     head, _, rest = text.partition(MARK_BEGIN)
     _, _, tail = rest.partition(MARK_END)
     path.write_text(f"{head}{MARK_BEGIN}\n{tables}{MARK_END}{tail}")
+
+
+def float32_note(done: str, names: str) -> list[str]:
+    """The lines that say which rows ran in float32 where their scale asks bf16 (`machine_precision`)."""
+    return ["", f"{done} in float32, on a CPU without bf16 instructions (where bf16 would be emulated many times "
+            f"slower; the numbers differ from bf16's by rounding only): {names}."]
+
+
+def write_markdown(path: Path, scales: list[str]) -> None:
+    tables = "\n".join(render(s) for s in scales if (RESULTS / s).exists())
+    replace_tables(path, tables, "Reproducing the paper's tables")
 
 
 def main() -> None:

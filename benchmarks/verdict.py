@@ -39,7 +39,16 @@ from pathlib import Path
 import numpy as np
 import torch
 from cli_runner import aabl, device_name
-from reproduce import MARK_BEGIN, MARK_END, ZIPS, flags, machine_precision, scan_options, stale, unzip_once
+from reproduce import (
+    ZIPS,
+    flags,
+    float32_note,
+    machine_precision,
+    replace_tables,
+    scan_options,
+    stale,
+    unzip_once,
+)
 from verdict_cases import (
     CASES,
     CATEGORY,
@@ -291,9 +300,7 @@ def render(scale: str, results_dir: Path) -> str:
     in_fp32 = [r["case"] for r in rows if r["scan"].get("precision") == "fp32"
                and SCALES[scale][r["dataset"]].get("precision") == "bf16"]
     if in_fp32:
-        lines += ["", "Scanned in float32, on a CPU without bf16 instructions (where bf16 would be emulated many "
-                  f"times slower; the numbers differ from bf16's by rounding only): "
-                  f"{'every case above' if len(in_fp32) == len(rows) else ', '.join(in_fp32)}."]
+        lines += float32_note("Scanned", "every case above" if len(in_fp32) == len(rows) else ", ".join(in_fp32))
     outdated = [r["case"] for r in rows if r["case"] in order and not is_current(r, scale)]
     if outdated:
         lines += ["", f"Scanned with settings this scale no longer gives (a rerun scans them again): "
@@ -305,10 +312,7 @@ def write_markdown(path: Path, results_dir: Path, scale: str) -> None:
     """Rewrite the tables of `path` between its markers: `scale`'s and those of every other scale with results."""
     scales = [s for s in SCALES if s == scale or any((results_dir / s).glob("*.json"))]
     tables = "\n".join(render(s, results_dir) for s in scales)
-    text = path.read_text() if path.exists() else f"# The verdict benchmark\n\n{MARK_BEGIN}\n{MARK_END}\n"
-    head, _, rest = text.partition(MARK_BEGIN)
-    _, _, tail = rest.partition(MARK_END)
-    path.write_text(f"{head}{MARK_BEGIN}\n{tables}{MARK_END}{tail}")
+    replace_tables(path, tables, "The verdict benchmark")
 
 
 def main() -> None:
