@@ -154,6 +154,8 @@ def run_case(case: Case, args: argparse.Namespace) -> dict:
     elif why := stale(wd.scan.json, data, scan, scan_settings, options):
         raise SystemExit(f"{wd.scan.path} ran with other settings than the {args.scale} scale's; remove {case_dir} "
                          f"(or pass another --work) to run {case.name} again ({why})")
+    if args.resplit and wd.split.path.exists():
+        shutil.rmtree(wd.split.path)  # the split alone again, from the scan it already has
     if not wd.split.json.exists():
         aabl("split", "--workdir", wd.root, "--link", "none", "--quiet", threads=args.threads)
     shutil.rmtree(case_dir / "cache", ignore_errors=True)  # decoded images no other case reads
@@ -166,6 +168,7 @@ def run_case(case: Case, args: argparse.Namespace) -> dict:
             "seed": case.seed, "scale": args.scale, "train_images": scale["train_images"], "scan": options,
             "images": split["samples"],
             "naive_acc": scanned.get("acc"), "verdict": split["verdict"], "suspected_class": split["suspected_class"],
+            "verdict_basis": split.get("verdict_basis"), "shared_patch": split.get("shared_patch"),
             "right_class": (suspected and split["suspected_class"] == target) if target else None,
             "false_alarm": suspected if case.backdoor == "none" else None,
             "concentration": split["concentration"], "concentration_low": split["concentration_low"],
@@ -192,6 +195,24 @@ def _right(r: dict) -> str:
     """Whether a case was called right: a poisoned set suspected with its target, a clean set not suspected."""
     right = r["right_class"] if r["backdoor"] != "none" else not r["false_alarm"]
     return "yes" if right else "**no**"
+
+
+def _verdict(r: dict) -> str:
+    basis = r.get("verdict_basis")
+    return f"{r['verdict']} (by {basis})" if basis else r["verdict"]
+
+
+def _patch(r: dict) -> str:
+    """The shared-patch test of each class tested: `class: ratio, flip` ("-" where not tested)."""
+    if "shared_patch" not in r:
+        return "not run"
+    parts = []
+    for t in (r["shared_patch"] or {}).get("tested", []):
+        if t.get("ratio") is None:
+            continue
+        flip = "-" if t.get("flip") is None else f"{100 * t['flip']:.0f} %"
+        parts.append(f"{t['class']}: {t['ratio']:.2f}, {flip}")
+    return "; ".join(parts) or "-"
 
 
 def _target(r: dict) -> str:
@@ -280,16 +301,20 @@ def render(scale: str, results_dir: Path) -> str:
     lines = [f"### Scale `{scale}`: {sum(n in results for n in order)} of {len(order)} cases run", ""]
     lines += ["right? = a poisoned set suspected with its target class, a clean set not suspected; bound = the "
               "deciding core's lower 95 % confidence bound of the top class's concentration (`concentration_low`, "
-              "suspected from 0.5), beside the point estimate and the core's size; recall = share of the poison "
+              "suspected from 0.5), beside the point estimate and the core's size; shared patch = each core top "
+              "class's spread ratio (a candidate at 0.1 or less) and the share of its robust images that leave it once "
+              "that region is painted over (suspected from 50 %); recall = share of the poison "
               "isolated; rho_vul = poison left in the kept set; gamma = kept share.", "",
               "| case | data | backdoor | cat. | rate (%) | target (images) | seed | verdict | suspected | right? "
-              "| bound (concentration, core) | recall | rho_vul | gamma | naive acc | scan (min) |",
-              "| --- | --- | --- | --- | ---: | --- | ---: | --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: |"
+              "| bound (concentration, core) | shared patch (ratio, flip) | recall | rho_vul | gamma | naive acc "
+              "| scan (min) |",
+              "| --- | --- | --- | --- | ---: | --- | ---: | --- | --- | --- | --- | --- | ---: | ---: | ---: | ---: "
+              "| ---: |"
               ] if rows else ["No case has run yet."]
     for r in rows:
         lines.append(f"| {r['case']} | {r['dataset']} | {r['backdoor']} | {r['category']} | {_pct(r['rate'], 0)} | "
-                     f"{_target(r)} | {r['seed']} | {r['verdict']} | {r['suspected_class']} | {_right(r)} | "
-                     f"{r['concentration_low']:.2f} ({r['concentration']:.2f}, {r['core_size']}) | "
+                     f"{_target(r)} | {r['seed']} | {_verdict(r)} | {r['suspected_class']} | {_right(r)} | "
+                     f"{r['concentration_low']:.2f} ({r['concentration']:.2f}, {r['core_size']}) | {_patch(r)} | "
                      f"{_pct(r['recall'])} | {_pct(r['rho_vul'], 2)} | {_pct(r['kept_share'])} | "
                      f"{_pct(r['naive_acc'])} | {r['seconds']['scan'] / 60:.1f} |")
     if rows:
@@ -330,6 +355,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch threads per command (default: all)")
     parser.add_argument("--table-only", action="store_true", help="only rewrite the tables from the results")
     parser.add_argument("--list", action="store_true", help="print the cases (after --only) and which are done")
+    parser.add_argument("--resplit", action="store_true",
+                        help="split finished cases again from their scans (after a change to the split or the "
+                             "verdict); cases without a scan in --work are run in full")
     args = parser.parse_args()
     args.work = args.work.resolve()
     cases = cases_of(args.scale, args.only)
@@ -351,13 +379,16 @@ def main() -> None:
         out_dir.mkdir(parents=True, exist_ok=True)
     for case in todo:
         store = out_dir / f"{case.name}.json"
-        if store.exists() and is_current(json.loads(store.read_text()), args.scale):
+        earlier = json.loads(store.read_text()) if store.exists() else None
+        if earlier and is_current(earlier, args.scale) and not args.resplit:
             print(f"{case.name}: finished earlier", flush=True)
             continue
         print(f"{case.name} ...", flush=True)
         t0 = time.perf_counter()
         result = run_case(case, args)
         result["seconds"]["total"] = time.perf_counter() - t0
+        if args.resplit and earlier and earlier["seconds"].get("scan") == result["seconds"]["scan"]:
+            result["seconds"] = {**earlier["seconds"], "split": result["seconds"]["split"]}  # the run's own cost
         tmp = store.with_suffix(".tmp")
         tmp.write_text(json.dumps(result, indent=2) + "\n")
         tmp.replace(store)

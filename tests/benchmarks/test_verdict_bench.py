@@ -176,6 +176,25 @@ def test_only_runs_and_lists_the_cases_it_names(bench, main, tmp_path):
         main(tmp, "--only", "cifar10-*", results=tmp_path / "results")
 
 
+def test_resplit_splits_again_from_the_scans_and_keeps_their_cost(bench, main, tmp_path):
+    tmp, first = bench
+    assert first.returncode == 0, first.stdout + first.stderr
+    results = tmp_path / "results"
+    main(tmp, "--only", "gtsrb-badnets-*", results=results, md=tmp_path / "VERDICT.md")
+    store = results / "tiny" / f"{CASES[1]}.json"
+    before = json.loads(store.read_text())
+    scans = {p: p.stat().st_mtime_ns for p in (tmp / "work").rglob("scan/scan.json")}
+    assert len(scans) >= 2
+    out = main(tmp, "--only", "gtsrb-badnets-*", "--resplit", results=results, md=tmp_path / "VERDICT.md")
+    assert f"{CASES[1]} ..." in out and "finished earlier" not in out
+    after = json.loads(store.read_text())
+    assert after["seconds"]["scan"] == before["seconds"]["scan"]
+    assert after["seconds"]["total"] == before["seconds"]["total"]
+    assert {p: p.stat().st_mtime_ns for p in scans} == scans  # no scan ran again
+    assert "shared_patch" in after and after["verdict_basis"] in ("concentration", "shared patch", None)
+    assert "| shared patch (ratio, flip) |" in (tmp_path / "VERDICT.md").read_text()
+
+
 def test_missing_data_says_which_zip_and_where(main, tmp_path, capsys):
     with pytest.raises(SystemExit) as stopped:
         main(tmp_path)

@@ -121,6 +121,24 @@ def _setting(key: str, value: Any) -> str:
     return _num(value)
 
 
+def _shared_patch(patch: dict | None, basis: str | None) -> str:
+    """The split's shared-patch test, one clause per class tested (split.json's `shared_patch`)."""
+    if not patch or not patch.get("tested"):
+        return "not tested"
+    parts = []
+    for t in patch["tested"]:
+        if t.get("ratio") is None:
+            parts.append(f"class <b>{esc(t['class'])}</b>: not tested")
+            continue
+        flip = t.get("flip")
+        painted = f", painted over: {_pct(flip)} leave the class" if flip is not None else ""
+        parts.append(f"class <b>{esc(t['class'])}</b>: spread ratio {_num(t['ratio'])} at row {esc(t['at'][0])}, "
+                     f"column {esc(t['at'][1])}{painted}")
+    found = f" &mdash; the verdict's basis: {esc(basis)}" if basis else ""
+    return "; ".join(parts) + (f" (a candidate at {_num(patch.get('threshold', 0.1))} or less, suspected when "
+                               f"{_pct(patch.get('flip_threshold', 0.5))} or more leave)") + found
+
+
 def _summary(inputs: Inputs) -> str:
     scan, split = inputs.scan, inputs.split
     verdict = str(split["verdict"])
@@ -138,6 +156,7 @@ def _summary(inputs: Inputs) -> str:
                                        f"of the {esc(split.get('core_size', '?'))} most robust isolated images; "
                                        f"suspected when that bound is "
                                        f"{_num(split.get('concentration_threshold', 0.5))} or more)"),
+            ("shared patch", _shared_patch(split.get("shared_patch"), split.get("verdict_basis"))),
             ("threshold", f"{_num(float(split['threshold']))} ({esc(split['settings'].get('method', '?'))})"),
             ("kept", f"{int(split['kept'])} (gamma {_pct(split['kept_share'])})"),
             ("isolated", f"{int(split['isolated'])} ({_pct(split.get('isolated_share'))})")]
