@@ -403,6 +403,8 @@ def run_stage_flags(func: Callable[..., Any]) -> Callable[..., Any]:
                      help="split, Otsu: isolate at least this share."),
         click.option("--link", type=click.Choice(["copy", "hardlink", "symlink"]), default="copy", show_default=True,
                      help="split: how kept/ and isolated/ get their files."),
+        click.option("--isolate-misfit", is_flag=True,
+                     help="split: also isolate every image the naive model puts in another class than its own."),
         click.option("--fail-over", type=SHARE, default=None,
                      help="CI gate: after the split, exit 3 (before training) when more than this share is "
                           "isolated (clean sets lose 25-50 % too: a budget, not a backdoor test)."),
@@ -442,7 +444,7 @@ def run_stage_options(o: dict[str, Any]) -> tuple[dict[str, Any], ...]:
     scan = {"epochs": o["scan_epochs"], "lr": o["scan_lr"], "eps": o["scan_eps"], "step_size": o["scan_step_size"],
             "steps": o["scan_steps"], "resume": "auto", **shared}
     split = {k: o[k] for k in ("method", "fraction", "threshold", "min_isolated", "link", "fail_over",
-                               "fail_on_suspect")}
+                               "fail_on_suspect", "isolate_misfit")}
     train = {"epochs": o["train_epochs"], "eps": o["train_eps"], "step_size": o["train_step_size"],
              "steps": o["train_steps"], "adv_method": o["adv_method"], "lr": o["train_lr"], "momentum": o["momentum"],
              "weight_decay": o["weight_decay"], "schedule": o["train_schedule"], "ema": o["train_ema"],

@@ -337,20 +337,40 @@ GATES = ("fail_over", "fail_on_suspect")  # recorded settings that change no out
 
 
 def split_settings(*, method: str, fraction: float | None, threshold: float | None, min_isolated: float, link: str,
-                   fail_over: float | None, fail_on_suspect: bool) -> dict[str, Any]:
+                   fail_over: float | None, fail_on_suspect: bool, isolate_misfit: bool = False) -> dict[str, Any]:
     """The settings split.json records (and `aabl run` compares, all but the GATES) for these options."""
     return {"method": method, "fraction": fraction, "threshold": threshold,
             "min_isolated": min_isolated if method == "otsu" else None, "link": link,
-            "fail_over": fail_over, "fail_on_suspect": fail_on_suspect}
+            "fail_over": fail_over, "fail_on_suspect": fail_on_suspect, "isolate_misfit": isolate_misfit}
+
+
+def read_misfit(path: Path, labels: np.ndarray) -> np.ndarray:
+    """Which samples the naive model does not put in their own class: `pred_clean` of scores.csv
+    (checked by `read_scores` first) against the labels."""
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as fh:
+            reader = csv.DictReader(fh)
+            if "pred_clean" not in (reader.fieldnames or []):
+                raise AablError(f"{path} has no pred_clean column, which --isolate-misfit reads; use the "
+                                "scores.csv that `aabl scan` wrote")
+            predicted = [int(row["pred_clean"]) for row in reader]
+    except (TypeError, ValueError) as err:
+        raise AablError(f"{path}: unreadable pred_clean value ({err}); re-create the file with `aabl scan`") from err
+    except (OSError, UnicodeDecodeError, csv.Error) as err:
+        raise AablError(f"cannot read {path}: {err}; re-create it with `aabl scan`") from err
+    return np.array(predicted, dtype=np.int64) != labels
 
 
 def split(scores: str | Path | None = None, *, workdir: str | Path = "aabl-out", method: str = "otsu",
           fraction: float | None = None, threshold: float | None = None, min_isolated: float = 0.10,
-          link: str = "copy", fail_over: float | None = None, fail_on_suspect: bool = False) -> dict[str, Any]:
+          link: str = "copy", fail_over: float | None = None, fail_on_suspect: bool = False,
+          isolate_misfit: bool = False) -> dict[str, Any]:
     """Split the scanned dataset into `workdir/split/kept/` and `workdir/split/isolated/`.
 
     Writes `split.csv` and `split.json` too. The summary's `gates` lists the CI gates
     that tripped (`fail_over`, `fail_on_suspect`); the caller turns them into exit 3.
+    `isolate_misfit` isolates, besides the threshold's, every sample the naive model puts in
+    another class than its own (`misfit_isolated` counts those the threshold kept).
     """
     if method not in METHODS:
         raise AablError(f"unknown --method {method!r}; use one of {', '.join(METHODS)}")
@@ -374,6 +394,8 @@ def split(scores: str | Path | None = None, *, workdir: str | Path = "aabl-out",
         root, classes = Path(scan["data"]), list(scan["classes"])
         isolated, t = choose_isolated(values, method=method, fraction=fraction, threshold=threshold,
                                       min_isolated=min_isolated)
+        misfit = read_misfit(scores_path, labels) & ~isolated if isolate_misfit else np.zeros_like(isolated)
+        isolated = isolated | misfit
         kept = ~isolated
         n = len(values)
         verdict = class_verdict(labels, values, isolated, classes)
@@ -387,9 +409,10 @@ def split(scores: str | Path | None = None, *, workdir: str | Path = "aabl-out",
             "data": str(root), "dataset_fingerprint": scan["dataset_fingerprint"],
             "settings": split_settings(method=method, fraction=fraction, threshold=threshold,
                                        min_isolated=min_isolated, link=link, fail_over=fail_over,
-                                       fail_on_suspect=fail_on_suspect),
+                                       fail_on_suspect=fail_on_suspect, isolate_misfit=isolate_misfit),
             "threshold": t, "samples": n, "kept": int(kept.sum()), "isolated": int(isolated.sum()),
             "kept_share": float(kept.mean()) if n else 0.0, "isolated_share": float(isolated.mean()) if n else 0.0,
+            "misfit_isolated": int(misfit.sum()),
             "skipped": scan.get("skipped", []),
             **verdict,
             "warnings": fit_warnings(scan),
@@ -480,7 +503,9 @@ def describe(summary: dict[str, Any]) -> str:
     lines = [
         f"threshold {summary['threshold']:.6g} ({summary['settings']['method']})",
         f"kept      {summary['kept']:>7} ({summary['kept_share']:.1%}, gamma)",
-        f"isolated  {summary['isolated']:>7} ({summary['isolated_share']:.1%})",
+        f"isolated  {summary['isolated']:>7} ({summary['isolated_share']:.1%})"
+        + (f", {summary['misfit_isolated']} of them above the threshold, misfit by the naive model"
+           if summary.get("settings", {}).get("isolate_misfit") else ""),
         "",
         f"{'class':<20} {'samples':>8} {'isolated':>9} {'of class':>9} {'of isolated':>12} {'of core':>8} "
         f"{'of data':>8}",

@@ -124,3 +124,59 @@ def test_split_records_the_evidence_and_reports_it(scanned, tmp_path):
     summary = split_mod.split(path, workdir=tmp_path / "w", link="none")
     assert summary["shared_patch"]["tested"] and summary["verdict_basis"] in ("concentration", None)
     assert "shared patch, class" in describe(summary)
+
+
+# ---------------------------------------------------------------- --isolate-misfit
+
+
+def _with_misfits(path: Path, misfit_rows: set[int]) -> None:
+    """Edit scores.csv's pred_clean so that the naive model misses the rows `misfit_rows`."""
+    lines = path.read_text().splitlines()
+    header = lines[0].split(",")
+    col = header.index("pred_clean")
+    out = [lines[0]]
+    for i, line in enumerate(lines[1:]):
+        cells = line.split(",")
+        if i in misfit_rows:
+            cells[col] = str((int(cells[header.index("label")]) + 1) % len(CLASSES))
+        out.append(",".join(cells))
+    path.write_text("\n".join(out) + "\n")
+
+
+def test_isolate_misfit_isolates_what_the_naive_model_misses(scanned, tmp_path):
+    path, *_ = scanned
+    (path.parent / "model.safetensors").unlink()
+    plain = split_mod.split(path, workdir=tmp_path / "w", link="none")
+    kept_rows = [i for i, kept in enumerate(_kept(tmp_path / "w")) if kept]
+    _with_misfits(path, set(kept_rows[:5]) | {PER_CLASS})  # five kept images, one isolated already
+    summary = split_mod.split(path, workdir=tmp_path / "w", link="none", isolate_misfit=True)
+    assert summary["settings"]["isolate_misfit"] is True and plain["settings"]["isolate_misfit"] is False
+    assert summary["misfit_isolated"] == 5 and summary["isolated"] == plain["isolated"] + 5
+    kept = _kept(tmp_path / "w")
+    assert not any(kept[i] for i in kept_rows[:5]) and sum(kept) == plain["kept"] - 5
+    assert "5 of them above the threshold, misfit by the naive model" in describe(summary)
+
+
+def test_isolate_misfit_without_pred_clean_is_refused(scanned, tmp_path):
+    path, *_ = scanned
+    lines = path.read_text().splitlines()
+    path.write_text("\n".join(",".join(line.split(",")[:5]) for line in lines) + "\n")  # index..score only
+    assert split_mod.split(path, workdir=tmp_path / "a", link="none")["misfit_isolated"] == 0
+    with pytest.raises(split_mod.AablError, match="no pred_clean column, which --isolate-misfit reads"):
+        split_mod.split(path, workdir=tmp_path / "b", link="none", isolate_misfit=True)
+
+
+def test_the_flag_reaches_split_json_from_the_command_line(scanned, tmp_path):
+    from conftest import invoke
+
+    path, *_ = scanned
+    result = invoke("split", path, "--workdir", tmp_path / "w", "--link", "none", "--isolate-misfit", "--json")
+    assert result.exit_code == 0, result.output
+    assert '"isolate_misfit": true' in (tmp_path / "w" / "split" / "split.json").read_text()
+
+
+def _kept(workdir: Path) -> list[bool]:
+    import csv
+
+    with open(workdir / "split" / "split.csv", newline="") as fh:
+        return [row["kept"] == "1" for row in csv.DictReader(fh)]
