@@ -41,7 +41,7 @@ from typing import Any
 import torch
 from cli_runner import device_name
 from peer_defences import PACKAGES, PEERS, Case, versions
-from reproduce import MARK_BEGIN, MARK_END, replace_tables  # noqa: F401  (the markers: its pages, for its callers)
+from reproduce import MARK_BEGIN, MARK_END, pct, replace_tables  # noqa: F401  (the markers: its pages, for its callers)
 
 from aabl_cli.core.device import resolve_device
 from aabl_cli.core.errors import AablError
@@ -105,8 +105,6 @@ def run_case(case: Case, args: argparse.Namespace) -> dict[str, Any]:
 # ---------------------------------------------------------------- the tables
 
 
-def _pct(value: float | None, digits: int = 1) -> str:
-    return "-" if value is None else f"{100 * value:.{digits}f}"
 
 
 def against(row: dict[str, Any], split: dict[str, Any]) -> str:
@@ -136,16 +134,16 @@ def render(results: list[dict[str, Any]]) -> str:
         naive = r["naive"]
         what = f"{r['backdoor']}, target {r['target']}" if r.get("backdoor") else "poisoned"
         lines += ["", f"### {r['name']}", "",
-                  f"{r['samples']:,} images, {r['poisoned']:,} of them poison ({_pct(r['rho'], 2)} %; {what}); "
+                  f"{r['samples']:,} images, {r['poisoned']:,} of them poison ({pct(r['rho'], 2)} %; {what}); "
                   f"naive model `{naive['arch']}`, {naive['epochs']} epochs, ACC on its training images "
-                  f"{_pct(naive.get('acc'))} %, trained in {naive['train_seconds']:.0f} s (in no row's seconds).", "",
+                  f"{pct(naive.get('acc'))} %, trained in {naive['train_seconds']:.0f} s (in no row's seconds).", "",
                   "| defence | flagged | recall | precision | rho_vul | gamma | seconds | against the split |",
                   "| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
         split = r["peers"].get("aabl-split")
         for peer_id, row in r["peers"].items():
             versus = "-" if split is None or peer_id == "aabl-split" else against(row, split)
-            lines.append(f"| {row['method']} | {row['flagged']:,} | {_pct(row['recall'])} | {_pct(row['precision'])} "
-                         f"| {_pct(row['rho_vul'], 2)} | {_pct(row['gamma'])} | {row['seconds']:.1f} | {versus} |")
+            lines.append(f"| {row['method']} | {row['flagged']:,} | {pct(row['recall'])} | {pct(row['precision'])} "
+                         f"| {pct(row['rho_vul'], 2)} | {pct(row['gamma'])} | {row['seconds']:.1f} | {versus} |")
         settings = [f"`{p}` {json.dumps(row['settings'], sort_keys=True)}" for p, row in r["peers"].items()
                     if p != "aabl-split"]
         devices = sorted({row["device"] for row in r["peers"].values()})

@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import math
 import shutil
 import statistics
 import subprocess
@@ -388,8 +389,11 @@ def _torch_version() -> str:
     return torch.__version__
 
 
-def _pct(value: float | None, digits: int = 1) -> str:
-    return "-" if value is None else f"{100 * value:.{digits}f}"
+def pct(value: float | None, digits: int = 1) -> str:
+    """A share as a percentage for the benchmark pages' tables; "-" for none (or NaN)."""
+    return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{100 * value:.{digits}f}"
+
+
 
 
 def _train_minutes(result: dict) -> str:
@@ -421,9 +425,9 @@ def render(scale: str) -> str:
              "| --- | --- | --- | ---: | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: |"]
     for r in aabl_rows:
         g, rv = PAPER_SPLIT.get(r["dataset"], {}).get(r["backdoor"], (None, None))
-        lines.append(f"| {r['dataset']} | {r['backdoor']} | {r['category']} | {_pct(r['kept_share'])} | "
-                     f"{_pct(r['rho_vul'], 2)} | {_pct(r['recall'])} | {r['verdict']} | {_pct(r['naive_acc'])} | "
-                     f"{_pct(r['naive_asr'])} | {_pct(r.get('naive_target_rate'))} | {_paper(g)} | {_paper(rv)} |")
+        lines.append(f"| {r['dataset']} | {r['backdoor']} | {r['category']} | {pct(r['kept_share'])} | "
+                     f"{pct(r['rho_vul'], 2)} | {pct(r['recall'])} | {r['verdict']} | {pct(r['naive_acc'])} | "
+                     f"{pct(r['naive_asr'])} | {pct(r.get('naive_target_rate'))} | {_paper(g)} | {_paper(rv)} |")
     lines += ["", "**Final models (Table 3)**: A-ABL = split + adversarial training on the kept set; Control = the "
               "same kept set and recipe without the attack (`--eps 0`); Adv. Train = adversarial training on the "
               "whole poisoned set. RA under PGD-10 (8/255, step 2/255); ASR on the non-target test images, "
@@ -436,7 +440,7 @@ def render(scale: str) -> str:
             r["backdoor"])
         acc, asr, ra = paper or (None, None, None)
         lines.append(f"| {r['dataset']} | {r['backdoor']} | {METHODS[r['mode']]} | "
-                     f"{_pct(r['acc'])} | {_pct(r['ra'])} | {_pct(r['asr'])} | {_pct(r.get('target_rate'))} | "
+                     f"{pct(r['acc'])} | {pct(r['ra'])} | {pct(r['asr'])} | {pct(r.get('target_rate'))} | "
                      f"{_paper(acc)} | {_paper(ra)} | "
                      f"{_paper(asr)} | {r['train_epochs']} | {_train_minutes(r)} |")
     if rows:
@@ -490,7 +494,7 @@ def second_half(rows: list[dict]) -> list[str]:
         aabl_row, control, adv = by[(d, b, "aabl")], by.get((d, b, "control")), by.get((d, b, "advtrain"))
         naive, ours, ctrl, plain = (_lift(aabl_row, "naive_"), _lift(aabl_row), _lift(control), _lift(adv))
         kept = None if aabl_row.get("recall") is None else 1 - aabl_row["recall"]
-        lines.append(f"| {d} | {b} | {_pct(kept)} | {_pct(naive)} | {_pct(ours)} | {_pct(ctrl)} | {_pct(plain)} "
+        lines.append(f"| {d} | {b} | {pct(kept)} | {pct(naive)} | {pct(ours)} | {pct(ctrl)} | {pct(plain)} "
                      f"| {_reading(naive, ours, ctrl)} |")
     return lines
 
@@ -511,13 +515,13 @@ def recipes_side_by_side(rows: list[dict]) -> list[str]:
     for d, b in pairs:
         fast, pgd = by[(d, b, "aabl")], by[(d, b, "pgd")]
         for name, r in (("fast: " + _recipe(fast), fast), ("paper: PGD-10, step schedule", pgd)):
-            lines.append(f"| {d} | {b} | {name} | {_pct(r['acc'])} | {_pct(r['ra'])} | {_pct(r.get('asr'))} | "
-                         f"{_pct(r.get('target_rate'))} | {_train_minutes(r)} |")
+            lines.append(f"| {d} | {b} | {name} | {pct(r['acc'])} | {pct(r['ra'])} | {pct(r.get('asr'))} | "
+                         f"{pct(r.get('target_rate'))} | {_train_minutes(r)} |")
         t_fast, t_pgd = fast["seconds"].get("train"), pgd["seconds"].get("train")
         ratio = f"{t_fast / t_pgd:.2f}" if t_fast and t_pgd else "-"
-        d_asr = "-" if fast.get("asr") is None or pgd.get("asr") is None else _pct(fast["asr"] - pgd["asr"])
-        lines.append(f"| {d} | {b} | fast minus paper (time: ratio) | {_pct(fast['acc'] - pgd['acc'])} | "
-                     f"{_pct(fast['ra'] - pgd['ra'])} | {d_asr} | | {ratio} |")
+        d_asr = "-" if fast.get("asr") is None or pgd.get("asr") is None else pct(fast["asr"] - pgd["asr"])
+        lines.append(f"| {d} | {b} | fast minus paper (time: ratio) | {pct(fast['acc'] - pgd['acc'])} | "
+                     f"{pct(fast['ra'] - pgd['ra'])} | {d_asr} | | {ratio} |")
     return lines
 
 
@@ -534,8 +538,8 @@ def under_strong_attack(rows: list[dict]) -> list[str]:
              "| --- | --- | --- | ---: | --- | ---: | ---: |"]
     for r in measured:
         name = r["strong_attack"]["name"] if isinstance(r.get("strong_attack"), dict) else r.get("strong_attack")
-        lines.append(f"| {r['dataset']} | {r['backdoor']} | {METHODS[r['mode']]} | {_pct(r['ra'])} | {name} | "
-                     f"{_pct(r['ra_strong'])} | {_pct(r['ra_strong'] - r['ra'])} |")
+        lines.append(f"| {r['dataset']} | {r['backdoor']} | {METHODS[r['mode']]} | {pct(r['ra'])} | {name} | "
+                     f"{pct(r['ra_strong'])} | {pct(r['ra_strong'] - r['ra'])} |")
     return lines
 
 

@@ -44,6 +44,7 @@ from reproduce import (
     flags,
     float32_note,
     machine_precision,
+    pct,
     replace_tables,
     scan_options,
     stale,
@@ -187,8 +188,6 @@ def load_results(results: Path, scale: str) -> dict[str, dict]:
     return {r["case"]: r for r in (json.loads(p.read_text()) for p in sorted((results / scale).glob("*.json")))}
 
 
-def _pct(value: float | None, digits: int = 1) -> str:
-    return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{100 * value:.{digits}f}"
 
 
 def _right(r: dict) -> str:
@@ -258,8 +257,8 @@ def summary(scale: str, results: dict[str, dict]) -> list[str]:
     for c in (c for c in cases if c.rate == TABLE7_RATE):
         r = results.get(c.name)
         outcome = "not run" if r is None else (f"{r['verdict']} ({r['suspected_class']}, right class: "
-                                               f"{_right(r)}), recall {_pct(r['recall'])} %, rho_vul "
-                                               f"{_pct(r['rho_vul'], 2)} %")
+                                               f"{_right(r)}), recall {pct(r['recall'])} %, rho_vul "
+                                               f"{pct(r['rho_vul'], 2)} %")
         lines.append(f"- {c.name} (the rate of the paper's Table 7): {outcome}.")
     b_done = [r for r in (results.get(c.name) for c in cases if CATEGORY[c.backdoor] == "B") if r]
     if b_done:
@@ -312,11 +311,11 @@ def render(scale: str, results_dir: Path) -> str:
               "| ---: |"
               ] if rows else ["No case has run yet."]
     for r in rows:
-        lines.append(f"| {r['case']} | {r['dataset']} | {r['backdoor']} | {r['category']} | {_pct(r['rate'], 0)} | "
+        lines.append(f"| {r['case']} | {r['dataset']} | {r['backdoor']} | {r['category']} | {pct(r['rate'], 0)} | "
                      f"{_target(r)} | {r['seed']} | {_verdict(r)} | {r['suspected_class']} | {_right(r)} | "
                      f"{r['concentration_low']:.2f} ({r['concentration']:.2f}, {r['core_size']}) | {_patch(r)} | "
-                     f"{_pct(r['recall'])} | {_pct(r['rho_vul'], 2)} | {_pct(r['kept_share'])} | "
-                     f"{_pct(r['naive_acc'])} | {r['seconds']['scan'] / 60:.1f} |")
+                     f"{pct(r['recall'])} | {pct(r['rho_vul'], 2)} | {pct(r['kept_share'])} | "
+                     f"{pct(r['naive_acc'])} | {r['seconds']['scan'] / 60:.1f} |")
     if rows:
         first = rows[0]
         lines += ["", f"Scans: `{first['scan']['arch']}`, naive epochs: {first['scan']['epochs']}"
@@ -393,7 +392,7 @@ def main() -> None:
         tmp.write_text(json.dumps(result, indent=2) + "\n")
         tmp.replace(store)
         write_markdown(args.md, args.results, args.scale)
-        recall = "" if result["recall"] is None else f", recall {_pct(result['recall'])} %"
+        recall = "" if result["recall"] is None else f", recall {pct(result['recall'])} %"
         print(f"{case.name}: {result['verdict']} ({result['suspected_class']}, bound "
               f"{result['concentration_low']:.2f}){recall}, {result['seconds']['total']:.0f}s", flush=True)
     write_markdown(args.md, args.results, args.scale)
