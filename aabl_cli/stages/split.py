@@ -341,7 +341,9 @@ def split_settings(*, method: str, fraction: float | None, threshold: float | No
     """The settings split.json records (and `aabl run` compares, all but the GATES) for these options."""
     return {"method": method, "fraction": fraction, "threshold": threshold,
             "min_isolated": min_isolated if method == "otsu" else None, "link": link,
-            "fail_over": fail_over, "fail_on_suspect": fail_on_suspect, "isolate_misfit": isolate_misfit}
+            "fail_over": fail_over, "fail_on_suspect": fail_on_suspect,
+            # recorded only when set: a split.json of before the option still matches the default
+            **({"isolate_misfit": True} if isolate_misfit else {})}
 
 
 def read_misfit(path: Path, labels: np.ndarray) -> np.ndarray:
