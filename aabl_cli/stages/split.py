@@ -69,6 +69,10 @@ SHARED_PATCH_RATIO = 0.1
 # prediction for at least this share of the class's robust images (`core.trigger.transplant`):
 # a trigger removed, poisons fall back to their own classes; a shared white corner changes nothing.
 SHARED_PATCH_FLIP = 0.5
+# A shared region larger than this share of the image is a shared background (objects shot on
+# white), not a patch; painting it over would change the image, not remove a trigger, so it is
+# not tested. BadNets' 3x3 and Trojan's 5x7 cover 2-6 % of a 32x32 image, their edge included.
+SHARED_PATCH_MAX_AREA = 0.125
 SHARED_PATCH_IMAGES = 256  # images compared on each side, at most
 SHARED_PATCH_MIN = 10  # fewer core images of the class than this: no test
 SPLIT_FIELDS = ("index", "path", "label", "score", "kept")
@@ -212,8 +216,12 @@ def _flips(model: Path | None, core: np.ndarray, typical: np.ndarray, donors: np
     no longer does once their shared region is painted over with `donors`' pixels there."""
     if model is None or not model.is_file():
         return {"flip": None, "skipped": "no scan model beside the scores to test the region with"}
-    net, meta = load_model(model, classes=classes)
     mask = shared_region(core, typical, SHARED_PATCH_RATIO)
+    if mask.mean() > SHARED_PATCH_MAX_AREA:
+        return {"region_pixels": int(mask.sum()), "flip": None,
+                "skipped": f"the shared region covers {mask.mean():.0%} of the image, more than a patch "
+                           f"({SHARED_PATCH_MAX_AREA:.1%}): a shared background"}
+    net, meta = load_model(model, classes=classes)
 
     def predict(images: np.ndarray) -> torch.Tensor:
         x = torch.from_numpy(images).permute(0, 3, 1, 2).float().div(255)

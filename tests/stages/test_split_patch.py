@@ -91,6 +91,33 @@ def test_a_shared_region_the_model_ignores_is_no_evidence(scanned, monkeypatch):
     assert decide(verdict, patch) == {"verdict": "no backdoor evidence", "verdict_basis": None}
 
 
+def test_a_shared_background_is_not_painted_over(tmp_path, monkeypatch):
+    """Class b's robust images share a white left half (objects shot on white): too large for a patch."""
+    rng = np.random.default_rng(1)
+    root = tmp_path / "data"
+    for name in CLASSES:
+        (root / name).mkdir(parents=True)
+        for i in range(PER_CLASS):
+            img = rng.integers(0, 256, (SIZE, SIZE, 3), dtype=np.uint8)
+            if name == "b" and i < STAMPED:
+                img[:, : SIZE // 2] = 255
+            Image.fromarray(img).save(root / name / f"{i:03d}.png")
+    scores = np.full(3 * PER_CLASS, 5.0)
+    scores[PER_CLASS:PER_CLASS + STAMPED] = 0.01
+    path = write_fake_scan(tmp_path / "w", root, scores)
+    scan, paths, labels, values = read_scores(path)
+    model = path.parent / "model.safetensors"
+    model.write_bytes(b"stand-in")
+    monkeypatch.setattr(split_mod, "load_model", lambda *a, **k: pytest.fail("a background is not tested"))
+    verdict = {"cores": [{"size": STAMPED, "class": "b", "concentration": 0.4, "concentration_low": 0.2}],
+               "per_class": [{"class": c} for c in CLASSES], "concentration_low": 0.2}
+    patch = patch_evidence(root, paths, labels, values, values < 1, verdict, (SIZE, SIZE), model)
+    (row,) = patch["tested"]
+    assert row["ratio"] == pytest.approx(0.0, abs=1e-9) and row["flip"] is None
+    assert "a shared background" in row["skipped"] and row["region_pixels"] > SIZE * SIZE // 2
+    assert patch["found"] is None
+
+
 def test_without_the_scan_model_the_patch_is_not_enough(scanned, monkeypatch):
     verdict, patch = _evidence(scanned, monkeypatch, reads_patch=None)
     (row,) = patch["tested"]
