@@ -170,6 +170,7 @@ def run_case(case: Case, args: argparse.Namespace) -> dict:
             "images": split["samples"],
             "naive_acc": scanned.get("acc"), "verdict": split["verdict"], "suspected_class": split["suspected_class"],
             "verdict_basis": split.get("verdict_basis"), "shared_patch": split.get("shared_patch"),
+            "runner_up": split.get("runner_up"),
             "right_class": (suspected and split["suspected_class"] == target) if target else None,
             "false_alarm": suspected if case.backdoor == "none" else None,
             "concentration": split["concentration"], "concentration_low": split["concentration_low"],
@@ -212,6 +213,18 @@ def _patch(r: dict) -> str:
         flip = "-" if t.get("flip") is None else f"{100 * t['flip']:.0f} %"
         parts.append(f"{t['class']}: {t['ratio']:.2f}, {flip}")
     return "; ".join(parts) or "-"
+
+
+def _runner_up(r: dict) -> str:
+    """The runner-up test of the suspected class: the commonest runner-up and its share, with the share
+    above which the concentration is set aside ("-" where not tested; "not run" before the test existed)."""
+    if "runner_up" not in r:
+        return "not run"
+    t = r["runner_up"] or {}
+    if t.get("agreement") is None:
+        return "-"
+    aside = ", set aside" if t["refuted"] else ""
+    return f"{t['runner_up']}: {100 * t['agreement']:.0f} % (> {100 * t['threshold']:.0f} %{aside})"
 
 
 def _target(r: dict) -> str:
@@ -300,20 +313,23 @@ def render(scale: str, results_dir: Path) -> str:
     lines = [f"### Scale `{scale}`: {sum(n in results for n in order)} of {len(order)} cases run", ""]
     lines += ["right? = a poisoned set suspected with its target class, a clean set not suspected; bound = the "
               "deciding core's lower 95 % confidence bound of the top class's concentration (`concentration_low`, "
-              "suspected from 0.5), beside the point estimate and the core's size; shared patch = each core top "
+              "suspected from 0.5), beside the point estimate and the core's size; runner-up = the commonest "
+              "second choice of the scan's model among the suspected class's core images and its share (the "
+              "concentration is set aside above the share given); shared patch = each core top "
               "class's spread ratio (a candidate at 0.1 or less) and the share of its robust images that leave it once "
               "that region is painted over (suspected from 50 %); recall = share of the poison "
               "isolated; rho_vul = poison left in the kept set; gamma = kept share.", "",
               "| case | data | backdoor | cat. | rate (%) | target (images) | seed | verdict | suspected | right? "
-              "| bound (concentration, core) | shared patch (ratio, flip) | recall | rho_vul | gamma | naive acc "
-              "| scan (min) |",
-              "| --- | --- | --- | --- | ---: | --- | ---: | --- | --- | --- | --- | --- | ---: | ---: | ---: | ---: "
-              "| ---: |"
+              "| bound (concentration, core) | runner-up | shared patch (ratio, flip) | recall | rho_vul | gamma "
+              "| naive acc | scan (min) |",
+              "| --- | --- | --- | --- | ---: | --- | ---: | --- | --- | --- | --- | --- | --- | ---: | ---: | ---: "
+              "| ---: | ---: |"
               ] if rows else ["No case has run yet."]
     for r in rows:
         lines.append(f"| {r['case']} | {r['dataset']} | {r['backdoor']} | {r['category']} | {pct(r['rate'], 0)} | "
                      f"{_target(r)} | {r['seed']} | {_verdict(r)} | {r['suspected_class']} | {_right(r)} | "
-                     f"{r['concentration_low']:.2f} ({r['concentration']:.2f}, {r['core_size']}) | {_patch(r)} | "
+                     f"{r['concentration_low']:.2f} ({r['concentration']:.2f}, {r['core_size']}) | {_runner_up(r)} | "
+                     f"{_patch(r)} | "
                      f"{pct(r['recall'])} | {pct(r['rho_vul'], 2)} | {pct(r['kept_share'])} | "
                      f"{pct(r['naive_acc'])} | {r['seconds']['scan'] / 60:.1f} |")
     if rows:

@@ -139,6 +139,19 @@ def _shared_patch(patch: dict | None, basis: str | None) -> str:
                                f"{_pct(patch.get('flip_threshold', 0.5))} or more leave)") + found
 
 
+def _runner_up(test: dict | None) -> str:
+    """The split's runner-up test of the suspected class (split.json's `runner_up`)."""
+    if not test:
+        return "not tested"
+    if test.get("agreement") is None:
+        return f"not tested ({esc(test.get('skipped', 'no reason given'))})"
+    reading = ("one neighbour for most: a class robust by nature, the concentration set aside" if test["refuted"]
+               else "spread, as other classes' images relabelled would be")
+    return (f"{_pct(test['agreement'])} of class <b>{esc(test['class'])}</b>'s {esc(test['images'])} core images "
+            f"go second to <b>{esc(test['runner_up'])}</b> (poisons from every class: about "
+            f"{_pct(test['expected'])}; set aside above {_pct(test['threshold'])}): {reading}")
+
+
 def _summary(inputs: Inputs) -> str:
     scan, split = inputs.scan, inputs.split
     verdict = str(split["verdict"])
@@ -156,6 +169,7 @@ def _summary(inputs: Inputs) -> str:
                                        f"of the {esc(split.get('core_size', '?'))} most robust isolated images; "
                                        f"suspected when that bound is "
                                        f"{_num(split.get('concentration_threshold', 0.5))} or more)"),
+            ("runner-up test", _runner_up(split.get("runner_up"))),
             ("shared patch", _shared_patch(split.get("shared_patch"), split.get("verdict_basis"))),
             ("threshold", f"{_num(float(split['threshold']))} ({esc(split['settings'].get('method', '?'))})"),
             ("kept", f"{int(split['kept'])} (gamma {_pct(split['kept_share'])})"),
