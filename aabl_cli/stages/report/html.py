@@ -147,9 +147,12 @@ def _runner_up(test: dict | None) -> str:
         return f"not tested ({esc(test.get('skipped', 'no reason given'))})"
     reading = ("one neighbour for most: a class robust by nature, the concentration set aside" if test["refuted"]
                else "spread, as other classes' images relabelled would be")
+    typical = (f", {_pct(test['reference_agreement'])} of its {esc(test['reference_images'])} typical ones to "
+               f"{esc(test['reference_runner_up'])}") if test.get("reference_agreement") is not None else ""
     return (f"{_pct(test['agreement'])} of class <b>{esc(test['class'])}</b>'s {esc(test['images'])} core images "
-            f"go second to <b>{esc(test['runner_up'])}</b> (poisons from every class: about "
-            f"{_pct(test['expected'])}; set aside above {_pct(test['threshold'])}): {reading}")
+            f"go second to <b>{esc(test['runner_up'])}</b>{typical} (poisons from every class: about "
+            f"{_pct(test['expected'])}; set aside above {_pct(test['threshold'])} and above the typical images' "
+            f"share): {reading}")
 
 
 def _summary(inputs: Inputs) -> str:
