@@ -22,6 +22,7 @@ from aabl_cli.cli import cli
 from aabl_cli.core.errors import AablError
 from aabl_cli.options import BACKDOOR_CHOICES
 from aabl_cli.stages.poison import BACKDOORS, TRIGGER_FILE, poison_folder
+from aabl_cli.stages.poison.backdoors import iab
 from aabl_cli.stages.poison.backdoors.patches import TROJAN_GLYPH, glyph_pattern
 from aabl_cli.stages.poison.backdoors.wanet import WarpTrigger, control_field, warp_grid
 
@@ -302,3 +303,27 @@ def test_clb_touches_only_target_images_and_keeps_labels(runs: dict[str, Run]) -
         for c in range(3):
             assert np.array_equal(after[:3, :3, c], board) and np.array_equal(after[-3:, -3:, c], board)
         assert 0 < np.abs(after - before)[~corners].max() <= 16  # PGD within 16/255 elsewhere
+
+
+def test_iab_diversity_is_bounded_where_two_masks_are_alike() -> None:
+    a, b = torch.zeros(2, 1, 8, 8), torch.ones(2, 1, 8, 8)
+    empty = torch.zeros(2, 1, 8, 8)
+    # two empty masks for two different images: the original's 1e-7 gave 1e7 here
+    assert iab.diversity(a, b, empty, empty).item() == pytest.approx(1 / iab.DIV_FLOOR, rel=1e-4)
+    # masks as different as their images: about one
+    assert iab.diversity(a, b, a, b).item() == pytest.approx(1 / (1 + iab.DIV_FLOOR), rel=1e-4)
+
+
+def test_iab_refuses_a_mask_trained_to_nothing(runs: dict[str, Run], tmp_path: Path,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    trained = iab.train_iab
+
+    def emptied(*args, **kwargs):
+        pattern_net, mask_net, report = trained(*args, **kwargs)
+        return pattern_net, mask_net, {**report, "mean_mask": 0.0}
+
+    monkeypatch.setattr(iab, "train_iab", emptied)
+    with pytest.raises(AablError, match="empty mask.*Nothing was written"):
+        poison_folder(runs["iab"].src, backdoor="iab", out=tmp_path / "a", epochs=1, device="cpu", quiet=True,
+                      cache_dir=tmp_path / "cache")
+    assert not (tmp_path / "a").exists()

@@ -47,6 +47,13 @@ LR_CLASSIFIER = 0.01  # SGD, momentum 0.9, weight decay 5e-4, as the original
 BATCH = 128
 WIDTH = 16  # channels of the trigger networks' first layer
 _EPS = 1e-7
+# Added to the outputs' distance under the diversity ratio. The original's 1e-7 lets two near-empty masks
+# give ratios of 1e3-1e5 in one batch, which throws the mask network between empty and full masks; on GTSRB
+# (10,000 images, 10 epochs) it ended empty (mean mask 0.0) and the poison was relabelled, unchanged
+# images. 0.01 bounds the ratio near 30 (typical ratios are 2-3) and kept masks at 0.7-1.9 % there.
+DIV_FLOOR = 0.01
+# A mean mask under this is no trigger: the poisoned images would be their sources, relabelled.
+EMPTY_MASK = 1e-3
 
 
 class TriggerNet(nn.Module):
@@ -85,12 +92,13 @@ def apply_trigger(x: torch.Tensor, pattern_net: TriggerNet, mask_net: TriggerNet
 
 
 def diversity(a: torch.Tensor, b: torch.Tensor, out_a: torch.Tensor, out_b: torch.Tensor) -> torch.Tensor:
-    """Mean over the batch of dist(a, b) / dist(out_a, out_b), dist the per-sample RMS difference."""
+    """Mean over the batch of dist(a, b) / (dist(out_a, out_b) + DIV_FLOOR), dist the per-sample RMS
+    difference: the original's ratio, bounded where two outputs are alike."""
     def dist(u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         # + _EPS**2 under the root: an image paired with itself must give a zero gradient, not sqrt'(0) = inf
         return ((u - v).pow(2).flatten(1).mean(dim=1) + _EPS**2).sqrt()
 
-    return (dist(a, b) / (dist(out_a, out_b) + _EPS)).mean()
+    return (dist(a, b) / (dist(out_a, out_b) + DIV_FLOOR)).mean()
 
 
 def _batches(n: int, generator: torch.Generator) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -161,7 +169,8 @@ def train_iab(images: Images, labels: torch.Tensor, *, num_classes: int, target:
     classifier.eval()
 
     report = {"epochs": epochs, "arch": arch, "batch_size": BATCH, "mask_density": MASK_DENSITY,
-              "lambda_norm": LAMBDA_NORM, "lambda_div": LAMBDA_DIV, "p_poison": P_POISON, "p_cross": P_CROSS,
+              "lambda_norm": LAMBDA_NORM, "lambda_div": LAMBDA_DIV, "div_floor": DIV_FLOOR, "p_poison": P_POISON,
+              "p_cross": P_CROSS,
               "lr_trigger": LR_TRIGGER, "lr_classifier": LR_CLASSIFIER, "width": WIDTH,
               **_measure(classifier, pattern_net, mask_net, images, labels, target=target, device=device)}
     return pattern_net, mask_net, report
@@ -225,6 +234,10 @@ def build(ctx: Context) -> Built:
     pattern_net, mask_net, report = train_iab(images, labels, num_classes=len(data.classes), target=ctx.target,
                                               arch=ctx.arch, epochs=ctx.epochs or DEFAULT_EPOCHS,
                                               device=ctx.device, seed=ctx.seed, quiet=ctx.quiet)
+    if report["mean_mask"] < EMPTY_MASK:
+        raise AablError(f"the iab mask network trained to an empty mask (it covers {report['mean_mask']:.2%} of "
+                        f"the image): the poisoned images would be their sources, relabelled, with no trigger. "
+                        f"Nothing was written; try another --seed or more --epochs")
     if report["mean_mask"] > 2 * MASK_DENSITY or report["classifier_train_asr"] < 0.5:
         log(f"note: the iab trigger is not trained yet: its mask covers {report['mean_mask']:.1%} of the image (the "
             f"method aims at {MASK_DENSITY:.1%}) and the joint classifier follows it on "
