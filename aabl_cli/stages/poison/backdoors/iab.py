@@ -169,9 +169,9 @@ def train_iab(images: Images, labels: torch.Tensor, *, num_classes: int, target:
     classifier.eval()
 
     report = {"epochs": epochs, "arch": arch, "batch_size": BATCH, "mask_density": MASK_DENSITY,
-              "lambda_norm": LAMBDA_NORM, "lambda_div": LAMBDA_DIV, "div_floor": DIV_FLOOR, "p_poison": P_POISON,
-              "p_cross": P_CROSS,
-              "lr_trigger": LR_TRIGGER, "lr_classifier": LR_CLASSIFIER, "width": WIDTH,
+              "lambda_norm": LAMBDA_NORM, "lambda_div": LAMBDA_DIV, "div_floor": DIV_FLOOR,
+              "p_poison": P_POISON, "p_cross": P_CROSS, "lr_trigger": LR_TRIGGER, "lr_classifier": LR_CLASSIFIER,
+              "width": WIDTH,
               **_measure(classifier, pattern_net, mask_net, images, labels, target=target, device=device)}
     return pattern_net, mask_net, report
 
