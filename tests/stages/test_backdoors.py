@@ -316,13 +316,12 @@ def test_iab_diversity_is_bounded_where_two_masks_are_alike() -> None:
 
 def test_iab_refuses_a_mask_trained_to_nothing(runs: dict[str, Run], tmp_path: Path,
                                                monkeypatch: pytest.MonkeyPatch) -> None:
-    trained = iab.train_iab
+    def no_generator_stage(*args, **kwargs):
+        raise AssertionError("the generator stage ran on an empty mask")
 
-    def emptied(*args, **kwargs):
-        pattern_net, mask_net, report = trained(*args, **kwargs)
-        return pattern_net, mask_net, {**report, "mean_mask": 0.0}
-
-    monkeypatch.setattr(iab, "train_iab", emptied)
+    # refused as soon as the mask stage ends, before the generator and classifier train
+    monkeypatch.setattr(iab, "mean_mask", lambda *args: 0.0)
+    monkeypatch.setattr(iab, "apply_trigger", no_generator_stage)
     with pytest.raises(AablError, match="empty mask.*Nothing was written"):
         poison_folder(runs["iab"].src, backdoor="iab", out=tmp_path / "a", epochs=1, device="cpu", quiet=True,
                       cache_dir=tmp_path / "cache")

@@ -139,6 +139,11 @@ def train_iab(images: Images, labels: torch.Tensor, *, num_classes: int, target:
         log(f"iab: mask network epoch {epoch + 1}/{epochs}: loss {float(total) / max(1, len(batches)):.4f}",
             quiet=quiet)
     mask_net.eval().requires_grad_(False)
+    covered = mean_mask(mask_net, images, device)
+    if covered < EMPTY_MASK:
+        raise AablError(f"the iab mask network trained to an empty mask (it covers {covered:.2%} of the image): "
+                        f"the poisoned images would be their sources, relabelled, with no trigger. Nothing was "
+                        f"written; try another --seed or more --epochs")
 
     opt_g = torch.optim.Adam(pattern_net.parameters(), lr=LR_TRIGGER, betas=(0.5, 0.9))
     opt_c = torch.optim.SGD(classifier.parameters(), lr=LR_CLASSIFIER, momentum=0.9, weight_decay=5e-4)
@@ -174,6 +179,16 @@ def train_iab(images: Images, labels: torch.Tensor, *, num_classes: int, target:
               "width": WIDTH,
               **_measure(classifier, pattern_net, mask_net, images, labels, target=target, device=device)}
     return pattern_net, mask_net, report
+
+
+@torch.no_grad()
+def mean_mask(mask_net: TriggerNet, images: Images, device: torch.device) -> float:
+    """The share of the image M's masks cover, averaged over uint8 `images` (N, 3, H, W)."""
+    total = 0.0
+    for s in range(0, images.shape[0], 256):
+        x = batch_to_float(images[s:s + 256], device)
+        total += float(mask_of(mask_net, x).mean()) * len(x)
+    return total / max(1, images.shape[0])
 
 
 @torch.no_grad()
@@ -234,10 +249,6 @@ def build(ctx: Context) -> Built:
     pattern_net, mask_net, report = train_iab(images, labels, num_classes=len(data.classes), target=ctx.target,
                                               arch=ctx.arch, epochs=ctx.epochs or DEFAULT_EPOCHS,
                                               device=ctx.device, seed=ctx.seed, quiet=ctx.quiet)
-    if report["mean_mask"] < EMPTY_MASK:
-        raise AablError(f"the iab mask network trained to an empty mask (it covers {report['mean_mask']:.2%} of "
-                        f"the image): the poisoned images would be their sources, relabelled, with no trigger. "
-                        f"Nothing was written; try another --seed or more --epochs")
     if report["mean_mask"] > 2 * MASK_DENSITY or report["classifier_train_asr"] < 0.5:
         log(f"note: the iab trigger is not trained yet: its mask covers {report['mean_mask']:.1%} of the image (the "
             f"method aims at {MASK_DENSITY:.1%}) and the joint classifier follows it on "
