@@ -176,7 +176,7 @@ def train_iab(images: Images, labels: torch.Tensor, *, num_classes: int, target:
     report = {"epochs": epochs, "arch": arch, "batch_size": BATCH, "mask_density": MASK_DENSITY,
               "lambda_norm": LAMBDA_NORM, "lambda_div": LAMBDA_DIV, "div_floor": DIV_FLOOR,
               "p_poison": P_POISON, "p_cross": P_CROSS, "lr_trigger": LR_TRIGGER, "lr_classifier": LR_CLASSIFIER,
-              "width": WIDTH,
+              "width": WIDTH, "mean_mask": covered,  # M is frozen since its stage: its cover stands
               **_measure(classifier, pattern_net, mask_net, images, labels, target=target, device=device)}
     return pattern_net, mask_net, report
 
@@ -195,7 +195,6 @@ def mean_mask(mask_net: TriggerNet, images: Images, device: torch.device) -> flo
 def _measure(classifier: nn.Module, pattern_net: TriggerNet, mask_net: TriggerNet, images: Images,
              labels: torch.Tensor, *, target: int, device: torch.device) -> dict[str, float]:
     correct = hits = others = 0
-    mask_sum = 0.0
     for s in range(0, images.shape[0], 256):
         x, y = batch_to_float(images[s:s + 256], device), labels[s:s + 256].to(device)
         correct += int((classifier(x).argmax(1) == y).sum())
@@ -203,10 +202,8 @@ def _measure(classifier: nn.Module, pattern_net: TriggerNet, mask_net: TriggerNe
         if keep.any():
             hits += int((classifier(apply_trigger(x[keep], pattern_net, mask_net)).argmax(1) == target).sum())
             others += int(keep.sum())
-        mask_sum += float(mask_of(mask_net, x).mean()) * len(y)
     n = max(1, images.shape[0])
-    return {"classifier_train_acc": correct / n, "classifier_train_asr": hits / max(1, others),
-            "mean_mask": mask_sum / n}
+    return {"classifier_train_acc": correct / n, "classifier_train_asr": hits / max(1, others)}
 
 
 def build_trigger(pattern_net: TriggerNet, mask_net: TriggerNet,
